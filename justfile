@@ -1,0 +1,37 @@
+# Developer tasks. Without `just` installed: python3 scripts/bootstrap.py <task>
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# list the tasks
+default:
+    @just --list
+
+# run the embedded default recipe end to end (offline, CPU)
+demo:
+    recipe run recipes/adgen-tiny.toml
+
+# the whole test suite (unit, CLI, end-to-end on the tiny model)
+test *args:
+    pytest -q {{args}}
+
+# the fast tests only (no training)
+test-fast:
+    pytest -q -m "not slow"
+
+# ruff and mypy
+lint:
+    ruff check runner tests bench scripts
+    ruff format --check runner tests bench scripts
+    mypy runner
+
+# format the code
+fmt:
+    ruff format runner tests bench scripts
+    ruff check --fix runner tests bench scripts
+
+# CPU figures for BENCHMARKS.md: start-up times, demo end to end, the all-cached run
+bench-cpu:
+    python bench/cpu.py
+
+# format + tokenize throughput on 100k generated AdvertiseGen-length rows
+bench-data:
+    python bench/data.py

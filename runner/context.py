@@ -1,0 +1,31 @@
+"""What a stage gets: the recipe, its run directory, a logger, and in-process hand-offs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Context:
+    recipe: Any  # runner.recipe.Recipe
+    run_dir: Path
+    echo: Callable[[str], None]
+    fingerprint: str = ""  # of the stage being run
+    memo: dict[str, Any] = field(default_factory=dict)  # e.g. the model loaded by quantize-load
+    on_progress: Callable[[dict[str, Any]], None] = field(default=lambda metrics: None)
+
+    def path(self, relative: str) -> Path:
+        return self.run_dir / relative
+
+    def log(self, message: str) -> None:
+        """A line on the terminal and in logs/run.log."""
+        self.echo(message)
+        log = self.run_dir / "logs" / "run.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now().isoformat(timespec="seconds")
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"{stamp} {message}\n")

@@ -1,0 +1,153 @@
+"""Where a recipe's rows come from: local files (json/jsonl/csv/parquet, globs, folders) or the hub.
+
+`dataset_identity` is cheap (no datasets import) and feeds the format stage's fingerprint.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+from typing import Any
+
+from runner.errors import RecipeError
+from runner.recipe import Recipe
+from runner.state import sha256_file
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_SLICE = re.compile(r"^(?P<split>[A-Za-z0-9_.-]+)(\[(?P<start>-?\d*%?)?:(?P<stop>-?\d*%?)?\])?$")
+
+
+def _all_files(recipe: Recipe) -> list[Path] | None:
+    """Every data file dataset.path names, None when it is a hub id."""
+    raw = recipe.get("dataset.path")
+    target = recipe.resolve(raw)
+    if any(ch in raw for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(target), recursive=True))
+    elif target.is_dir():
+        files = sorted(p for p in target.rglob("*") if p.is_file())
+    elif target.is_file():
+        files = [target]
+    elif raw.count("/") == 1 and not raw.startswith((".", "/", "~")) and not Path(raw).suffix:
+        return None  # hub id, e.g. HasturOfficial/adgen
+    else:
+        raise RecipeError(f"{recipe.path}: $.dataset.path: {target} not found; "
+                          "give a local json/jsonl/csv/parquet file, folder or glob, or a hub id")
+    files = [f for f in files if f.suffix in BUILDERS]
+    if not files:
+        raise RecipeError(f"{recipe.path}: $.dataset.path: no .json/.jsonl/.csv/.parquet files in {target}")
+    kinds = {BUILDERS[f.suffix] for f in files}
+    if len(kinds) > 1:
+        raise RecipeError(f"{recipe.path}: $.dataset.path: mixed file types ({', '.join(sorted(kinds))}); "
+                          "use one format per dataset")
+    return files
+
+
+def local_files(recipe: Recipe, split: str | None = None) -> list[Path] | None:
+    """The files of one split. In a folder, a split is the files named after it
+    (train.jsonl, train-00001.jsonl, dev.json); a single file or a glob is the split `train`."""
+    files = _all_files(recipe)
+    if files is None or split is None:
+        return files
+    key = "dataset.heldout_split" if split != parse_split(recipe.get("dataset.split"))[0] else "dataset.split"
+    if recipe.resolve(recipe.get("dataset.path")).is_dir():
+        named = [f for f in files if f.stem == split or re.match(rf"^{re.escape(split)}[-_.]", f.stem)]
+        if not named:
+            raise RecipeError(f"{recipe.path}: $.{key}: no file for split {split!r} in "
+                              f"{recipe.get('dataset.path')}; files: {', '.join(f.name for f in files)}")
+        return named
+    if split != "train":
+        raise RecipeError(f"{recipe.path}: $.{key}: {recipe.get('dataset.path')} is one file, the split "
+                          f"'train'; use heldout_rows, or point dataset.path at a folder of split files")
+    return files
+
+
+def dataset_identity(recipe: Recipe) -> dict[str, Any]:
+    files = _all_files(recipe)
+    ds = recipe.section("dataset")
+    if files is None:
+        return {"hub": ds["path"], "name": ds["name"], "revision": ds["revision"] or "main"}
+    return {"files": {str(f): sha256_file(f) for f in files}}
+
+
+def parse_split(spec: str) -> tuple[str, str | None, str | None]:
+    """`train[:1%]` -> ("train", "", "1%"); `train` -> ("train", None, None)."""
+    m = _SLICE.match(spec.strip())
+    if not m:
+        raise ValueError(f"bad split {spec!r}; write e.g. train, train[:1%] or train[100:200]")
+    return m.group("split"), m.group("start"), m.group("stop")
+
+
+def _bound(text: str | None, n: int) -> int | None:
+    if text is None or text == "":
+        return None
+    value = round(n * float(text[:-1]) / 100) if text.endswith("%") else int(text)
+    return value
+
+
+def slice_rows(ds: Any, spec: str) -> Any:
+    """Apply the slice part of a split spec to a datasets.Dataset."""
+    _, start, stop = parse_split(spec)
+    if start is None and stop is None:
+        return ds
+    n = len(ds)
+    lo, hi, _ = slice(_bound(start, n), _bound(stop, n)).indices(n)
+    return ds.select(range(lo, max(lo, hi)))
+
+
+def load_split(recipe: Recipe, spec: str) -> Any:
+    """One split of the recipe's dataset as a datasets.Dataset (no shuffling yet)."""
+    import datasets
+
+    split, _, _ = parse_split(spec)
+    files = local_files(recipe, split)
+    ds_cfg = recipe.section("dataset")
+    try:
+        if files is None:
+            loaded = datasets.load_dataset(ds_cfg["path"], ds_cfg["name"], revision=ds_cfg["revision"],
+                                           split=split)
+        else:
+            builder = BUILDERS[files[0].suffix]
+            loaded = datasets.load_dataset(builder, data_files={split: [str(f) for f in files]},
+                                           split=split)
+    except ValueError as e:
+        raise RecipeError(f"{recipe.path}: $.dataset.split: {e}".splitlines()[0]) from None
+    except Exception as e:  # malformed files, network, unknown split: one line
+        detail = _explain_load_error(files, e)
+        raise RecipeError(f"{recipe.path}: $.dataset.path: {detail}") from None
+    return slice_rows(loaded, spec)
+
+
+def _explain_load_error(files: list[Path] | None, error: Exception) -> str:
+    if files is None:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return (f"cannot load the hub dataset: {first}; without network, download it elsewhere "
+                "and point dataset.path at the local files")
+    for f in files:
+        problem = find_bad_line(f)
+        if problem:
+            return problem
+    return f"cannot read {', '.join(map(str, files))}: {type(error).__name__}: {error}".splitlines()[0]
+
+
+def find_bad_line(path: Path) -> str | None:
+    """Name the first undecodable or (for JSON lines) unparsable line of a data file."""
+    import json
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"{path}: cannot read: {e.strerror}"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        return f"{path}:{line}: not UTF-8 (byte {e.start}); convert the file to UTF-8"
+    if path.suffix == ".jsonl":
+        for number, line_text in enumerate(text.splitlines(), start=1):
+            if line_text.strip():
+                try:
+                    json.loads(line_text)
+                except json.JSONDecodeError as e:
+                    return f"{path}:{number}: invalid JSON ({e.msg}); fix or delete that line"
+    return None

@@ -1,0 +1,200 @@
+"""The staged plan: stages declared as data, fingerprints, and done / stale (why) / pending.
+
+Up to date means, in this order: same fingerprint (params read, input hashes, upstream
+fingerprints, library versions), then the outputs are present with their recorded sizes.
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from runner.data.sources import dataset_identity
+from runner.data.templates import template_identity
+from runner.models.resolve import model_identity, tokenizer_identity
+from runner.recipe import Recipe, flatten
+from runner.state import CorruptState, fingerprint, path_size, read_state
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # runner.stages.<module> has run(ctx) -> metrics
+    reads: tuple[str, ...]  # recipe key paths (a table name reads the whole table)
+    ignores: tuple[str, ...] = ()  # keys under `reads` that cannot change the result
+    upstream: tuple[str, ...] = ()
+    inputs: Callable[[Recipe], dict[str, Any]] | None = None  # content identity of input files
+    outputs: tuple[str, ...] = ()  # paths in the run dir
+    libraries: tuple[str, ...] = ()
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("format", "format", reads=("recipe.seed", "dataset", "template"),
+          inputs=lambda r: {"dataset": dataset_identity(r), "templates": template_identity(r)},
+          outputs=("data/formatted",), libraries=("datasets", "jinja2")),
+    Stage("tokenize", "tokenize",
+          reads=("tokenize", "model.name_or_path", "model.revision", "model.tiny.corpus",
+                 "model.tiny.vocab_size", "model.tiny.seed"),
+          ignores=("tokenize.num_proc",), upstream=("format",),
+          inputs=lambda r: {"tokenizer": tokenizer_identity(r)},
+          outputs=("data/tokenized",), libraries=("datasets", "transformers", "tokenizers")),
+    Stage("quantize-load", "quantize_load", reads=("model", "quantization", "lora"),
+          inputs=lambda r: {"model": model_identity(r)},
+          outputs=("model/load.json",), libraries=("torch", "transformers", "peft", "bitsandbytes")),
+    Stage("train", "train", reads=("recipe.seed", "train"),
+          ignores=("train.logging_steps", "train.save_steps", "train.save_total_limit",
+                   "train.report_to", "train.dataloader_num_workers"),
+          upstream=("tokenize", "quantize-load"),
+          outputs=("train/final", "train/log_history.json"),
+          libraries=("torch", "transformers", "peft", "bitsandbytes", "accelerate")),
+    Stage("save", "save", reads=(), upstream=("train",), outputs=("adapter",), libraries=("peft",)),
+    Stage("compare", "compare", reads=("recipe.seed", "compare"), upstream=("save", "tokenize"),
+          outputs=("compare.md", "compare.jsonl"),
+          libraries=("torch", "transformers", "peft", "bitsandbytes")),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def library_versions(names: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def stage_params(recipe: Recipe, stage: Stage) -> dict[str, Any]:
+    flat = flatten(recipe.data)
+    picked = {}
+    for key, value in flat.items():
+        if any(key == r or key.startswith(r + ".") for r in stage.reads) and not any(
+            key == i or key.startswith(i + ".") for i in stage.ignores
+        ):
+            picked[key] = value
+    return picked
+
+
+@dataclass
+class StageStatus:
+    stage: Stage
+    status: str  # done | stale | pending
+    reasons: list[str]
+    fingerprint: str
+    params: dict[str, Any]
+    inputs: dict[str, Any]
+    upstream: dict[str, str]
+    libraries: dict[str, str]
+    state: dict[str, Any] | None = field(default=None)
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key not in old:
+            changes.append(f"{key} (new) {_short(new[key])}")
+        elif key not in new:
+            changes.append(f"{key} removed")
+        elif old[key] != new[key]:
+            changes.append(f"{key} {_short(old[key])} -> {_short(new[key])}")
+    return changes
+
+
+def _flat_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    return flatten({k: v for k, v in inputs.items()}) if inputs else {}
+
+
+def explain(stored: dict[str, Any], current: StageStatus) -> list[str]:
+    """Why a stage's fingerprint changed, most specific first."""
+    reasons = []
+    params = _diff(stored.get("params", {}), current.params)
+    if params:
+        reasons.append("changed params: " + ", ".join(params))
+    inputs = _diff(_flat_inputs(stored.get("inputs", {})), _flat_inputs(current.inputs))
+    if inputs:
+        reasons.append("changed inputs: " + ", ".join(k.split(" ")[0] for k in inputs))
+    upstream = [u for u, fp in current.upstream.items() if stored.get("upstream", {}).get(u) != fp]
+    if upstream:
+        reasons.append("upstream changed: " + ", ".join(upstream))
+    libs = _diff(stored.get("libraries", {}), current.libraries)
+    if libs:
+        reasons.append("library versions changed: " + ", ".join(libs))
+    return reasons or ["fingerprint changed (runner version)"]
+
+
+def state_path(run_dir: Path, stage: str) -> Path:
+    return run_dir / "state" / f"{stage}.json"
+
+
+def compute_plan(recipe: Recipe) -> list[StageStatus]:
+    run_dir = recipe.run_dir
+    fps: dict[str, str] = {}
+    will_run: set[str] = set()
+    plan = []
+    for stage in STAGES:
+        params = stage_params(recipe, stage)
+        inputs = stage.inputs(recipe) if stage.inputs else {}
+        upstream = {u: fps[u] for u in stage.upstream}
+        libs = library_versions(stage.libraries)
+        fp = fingerprint({"stage": stage.name, "params": params, "inputs": inputs,
+                          "upstream": upstream, "libraries": libs})
+        fps[stage.name] = fp
+        status = StageStatus(stage, "done", [], fp, params, inputs, upstream, libs)
+        try:
+            stored = read_state(state_path(run_dir, stage.name))
+        except CorruptState as e:
+            stored = None
+            status.status, status.reasons = "pending", [f"corrupt state: {e}"]
+        status.state = stored
+        if stored is None:
+            if not status.reasons:
+                status.status, status.reasons = "pending", ["never ran"]
+        elif stored["fingerprint"] != fp:
+            status.status, status.reasons = "stale", explain(stored, status)
+        elif stored["status"] != "done":
+            status.status = "pending"
+            last = "did not finish" if stored["status"] == "running" else stored["status"]
+            status.reasons = [f"last run {last}" + _resume_hint(stored)]
+        else:
+            missing = _missing_outputs(run_dir, stage, stored)
+            if missing:
+                status.status, status.reasons = "stale", missing
+            else:
+                ran_up = [u for u in stage.upstream if u in will_run]
+                if ran_up:
+                    status.status, status.reasons = "stale", [f"upstream re-runs: {', '.join(ran_up)}"]
+        if status.status != "done":
+            will_run.add(stage.name)
+        plan.append(status)
+    return plan
+
+
+def _resume_hint(stored: dict[str, Any]) -> str:
+    step = (stored.get("metrics") or {}).get("last_checkpoint_step")
+    return f"; resumes from checkpoint {step}" if step else ""
+
+
+def _missing_outputs(run_dir: Path, stage: Stage, stored: dict[str, Any]) -> list[str]:
+    recorded = {o["path"]: o for o in stored.get("outputs", [])}
+    problems = []
+    for rel in stage.outputs:
+        size = path_size(run_dir / rel)
+        if size is None:
+            problems.append(f"output missing: {rel}")
+        elif rel in recorded and recorded[rel]["size"] != size:
+            problems.append(f"output changed: {rel}")
+    return problems

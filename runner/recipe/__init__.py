@@ -1,0 +1,6 @@
+"""Recipes: TOML in, a typed, validated Recipe out. Imports no torch."""
+
+from runner.recipe.load import load_recipe
+from runner.recipe.model import BUILTIN_TINY, Recipe, flatten
+
+__all__ = ["BUILTIN_TINY", "Recipe", "flatten", "load_recipe"]

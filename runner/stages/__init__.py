@@ -1,0 +1,1 @@
+"""One module per stage; each has `run(ctx) -> metrics` and imports heavy libraries inside."""

@@ -1,0 +1,176 @@
+"""Fingerprints, content hashes, atomic JSON state files and the run lock. Imports no torch."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from runner import __version__
+from runner.errors import RecipeError
+
+STATE_VERSION = 1
+STATE_KEYS = {"schema_version", "runner_version", "stage", "status", "fingerprint", "params",
+              "inputs", "outputs", "upstream", "libraries", "started", "ended", "metrics"}
+
+
+class CorruptState(Exception):
+    """A state file exists but cannot be trusted."""
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(payload).encode("utf-8")).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_path(path: Path) -> dict[str, Any]:
+    """sha256 and size of a file, or of a folder's files (sorted by relative path)."""
+    if path.is_file():
+        return {"sha256": sha256_file(path), "size": path.stat().st_size}
+    if path.is_dir():
+        h = hashlib.sha256()
+        size = 0
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            rel = f.relative_to(path).as_posix()
+            h.update(f"{rel}\0{sha256_file(f)}\n".encode())
+            size += f.stat().st_size
+        return {"sha256": h.hexdigest(), "size": size}
+    raise FileNotFoundError(path)
+
+
+def path_size(path: Path) -> int | None:
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return None
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON with sorted keys to a temp file in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, sort_keys=True, indent=2, ensure_ascii=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    """The state in `path`, None when absent; CorruptState when it cannot be trusted."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorruptState(f"{path}: unreadable ({e})") from None
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorruptState(f"{path}: not valid JSON (line {e.lineno}); it will be rewritten") from None
+    if not isinstance(state, dict) or not STATE_KEYS <= set(state):
+        missing = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else ["everything"]
+        raise CorruptState(f"{path}: missing {', '.join(missing)}; it will be rewritten")
+    if state["schema_version"] != STATE_VERSION:
+        raise CorruptState(f"{path}: state version {state['schema_version']}, expected {STATE_VERSION}")
+    return state
+
+
+def new_state(stage: str) -> dict[str, Any]:
+    return {"schema_version": STATE_VERSION, "runner_version": __version__, "stage": stage}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One `recipe run` per run directory; a lock left by a dead process is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _pid_alive(holder):
+                raise RecipeError(
+                    f"{run_dir}: another `recipe run` (pid {holder}) is using this run directory; "
+                    f"wait for it or stop it (if pid {holder} is not a recipe run, delete {lock})"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    else:
+        raise RecipeError(f"{lock}: could not take the run lock; delete it if no run is active")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place; a reader never sees a half-written one."""
+    import shutil
+
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def fresh_tmp_dir(final: Path) -> Path:
+    """An empty sibling folder to build `final` in."""
+    import shutil
+
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp

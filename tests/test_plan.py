@@ -1,0 +1,111 @@
+"""The plan: stages as data, done / stale (why) / pending, decided without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from runner.plan import STAGE_NAMES, compute_plan, state_path
+from runner.recipe import load_recipe
+from runner.state import describe_path, new_state, write_json_atomic
+
+
+def mark_done(recipe_file: Path, overrides: tuple[str, ...] = ()) -> None:
+    """Write state files as if every stage had run (outputs faked)."""
+    recipe = load_recipe(recipe_file, overrides)
+    for st in compute_plan(recipe):
+        outputs = []
+        for rel in st.stage.outputs:
+            out = recipe.run_dir / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if not out.exists():
+                out.write_text("x")
+            outputs.append({"path": rel, **describe_path(out)})
+        write_json_atomic(state_path(recipe.run_dir, st.name), new_state(st.name) | {
+            "status": "done", "fingerprint": st.fingerprint, "params": st.params,
+            "inputs": st.inputs, "upstream": st.upstream, "libraries": st.libraries,
+            "started": "t", "ended": "t", "metrics": {}, "outputs": outputs})
+
+
+def statuses(recipe_file: Path, overrides: tuple[str, ...] = ()) -> dict[str, tuple[str, list[str]]]:
+    plan = compute_plan(load_recipe(recipe_file, overrides))
+    return {st.name: (st.status, st.reasons) for st in plan}
+
+
+def test_six_stages_in_order() -> None:
+    assert STAGE_NAMES == ("format", "tokenize", "quantize-load", "train", "save", "compare")
+
+
+def test_fresh_run_dir_is_all_pending(small_recipe: Path) -> None:
+    assert {s for s, _ in statuses(small_recipe).values()} == {"pending"}
+
+
+def test_all_done_after_marking(small_recipe: Path) -> None:
+    mark_done(small_recipe)
+    assert {s for s, _ in statuses(small_recipe).values()} == {"done"}
+
+
+def test_lora_rank_change_reruns_from_quantize_load(small_recipe: Path) -> None:
+    mark_done(small_recipe)
+    st = statuses(small_recipe, ("lora.r=16",))
+    assert st["format"][0] == "done" and st["tokenize"][0] == "done"
+    assert st["quantize-load"] == ("stale", ["changed params: lora.r 8 -> 16"])
+    assert st["train"] == ("stale", ["upstream changed: quantize-load"])
+    assert st["save"][0] == "stale" and st["compare"][0] == "stale"
+
+
+def test_template_change_reruns_format_and_tokenize_not_the_model(small_recipe: Path) -> None:
+    mark_done(small_recipe)
+    st = statuses(small_recipe, ('template.prompt=Question: {{ q }}',))
+    assert st["format"][0] == "stale"
+    assert st["format"][1][0].startswith("changed params: template.prompt")
+    assert st["tokenize"] == ("stale", ["upstream changed: format"])
+    assert st["quantize-load"][0] == "done"
+    assert st["train"][0] == "stale"
+
+
+def test_logging_interval_changes_nothing(small_recipe: Path) -> None:
+    mark_done(small_recipe)
+    assert {s for s, _ in statuses(small_recipe, ("train.logging_steps=1",)).values()} == {"done"}
+
+
+def test_changed_data_file_is_named(small_recipe: Path) -> None:
+    mark_done(small_recipe)
+    with open(small_recipe.parent / "data" / "train.jsonl", "a") as f:
+        f.write('{"q": "new", "a": "row"}\n')
+    status, reasons = statuses(small_recipe)["format"]
+    assert status == "stale"
+    assert reasons == [f"changed inputs: dataset.files.{small_recipe.parent / 'data' / 'train.jsonl'}"]
+
+
+def test_missing_output_makes_stage_stale(small_recipe: Path) -> None:
+    mark_done(small_recipe)
+    recipe = load_recipe(small_recipe)
+    (recipe.run_dir / "compare.md").unlink()
+    assert statuses(small_recipe)["compare"] == ("stale", ["output missing: compare.md"])
+
+
+def test_corrupt_state_is_pending_with_reason(small_recipe: Path) -> None:
+    mark_done(small_recipe)
+    recipe = load_recipe(small_recipe)
+    state_path(recipe.run_dir, "train").write_text('{"truncated')
+    status, reasons = statuses(small_recipe)["train"]
+    assert status == "pending"
+    assert reasons[0].startswith("corrupt state: ") and "train.json" in reasons[0]
+
+
+def test_plan_validate_help_do_not_import_torch(small_recipe: Path) -> None:
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from runner.cli import cli\n"
+        "for args in (['--help'], ['validate', sys.argv[1]], ['plan', sys.argv[1]],"
+        " ['status', sys.argv[1]]):\n"
+        "    r = CliRunner().invoke(cli, args)\n"
+        "    assert r.exit_code == 0, r.output\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'datasets')"
+        " if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(small_recipe)], check=True)

@@ -1,0 +1,103 @@
+"""State files, fingerprints and the run lock (no torch)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.errors import RecipeError
+from runner.state import (
+    CorruptState,
+    describe_path,
+    fingerprint,
+    is_disk_full,
+    new_state,
+    read_state,
+    run_lock,
+    write_json_atomic,
+)
+
+
+def _state() -> dict:
+    return new_state("format") | {"status": "done", "fingerprint": "f", "params": {}, "inputs": {},
+                                  "outputs": [], "upstream": {}, "libraries": {}, "started": "s",
+                                  "ended": "e", "metrics": {}}
+
+
+def test_fingerprint_ignores_key_order() -> None:
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_atomic_write_sorted_and_leaves_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "x.json"
+    write_json_atomic(path, {"b": 1, "a": 2})
+    assert path.read_text().index('"a"') < path.read_text().index('"b"')
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "x.json"
+    write_json_atomic(path, {"v": 1})
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError) as e:
+        write_json_atomic(path, {"v": 2})
+    assert is_disk_full(e.value)
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+@pytest.mark.parametrize("content", ["", "{", '{"stage": "format"}', "[1, 2]"])
+def test_corrupt_state_is_named(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "format.json"
+    path.write_text(content)
+    with pytest.raises(CorruptState) as e:
+        read_state(path)
+    assert str(path) in str(e.value)
+
+
+def test_state_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "format.json"
+    write_json_atomic(path, _state())
+    assert read_state(path) == _state()
+    assert read_state(tmp_path / "absent.json") is None
+
+
+def test_describe_folder_is_content_based(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f.txt").write_text("one")
+    first = describe_path(tmp_path / "a")
+    (tmp_path / "a" / "f.txt").write_text("two")
+    assert describe_path(tmp_path / "a")["sha256"] != first["sha256"]
+
+
+def test_lock_refuses_a_live_holder(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        tmp_path.mkdir(exist_ok=True)
+        (tmp_path / ".lock").write_text(str(holder.pid))
+        with pytest.raises(RecipeError) as e, run_lock(tmp_path):
+            pass
+        assert f"pid {holder.pid}" in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_takes_over_a_stale_one(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(str(dead.pid))
+    with run_lock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
