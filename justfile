@@ -35,3 +35,7 @@ bench-cpu:
 # format + tokenize throughput on 100k generated AdvertiseGen-length rows
 bench-data:
     python bench/data.py
+
+# regenerate docs/recipe-reference.md from the schema (a test fails when it is out of date)
+docs:
+    recipe reference --output docs/recipe-reference.md

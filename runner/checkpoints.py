@@ -1,17 +1,29 @@
 """The trainer's checkpoints: one attempt folder per train fingerprint, newest valid one wins.
 
-A checkpoint counts only when every file resuming needs is there and trainer_state.json parses,
-so a checkpoint half-written when the process died is skipped in favour of the previous one.
+A checkpoint counts only when every file resuming needs is there and readable: trainer_state.json
+parses, optimizer.pt and scheduler.pt are complete torch archives, the adapter weights' safetensors
+header covers the file. The Trainer writes trainer_state.json last, so a checkpoint half-written
+when the process died is skipped in favour of the previous one.
+
+Each attempt folder also holds attempt.json: the train stage's params, inputs, upstream
+fingerprints and library versions when the attempt started, and whether it finished, so a new
+attempt can say what changed (runner.plan.explain) and `train.on_changed_settings = "refuse"` can
+stop before an unfinished attempt is abandoned. No torch.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
+from typing import Any
+
+from runner.errors import RecipeError
 
 REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")
+ATTEMPT = "attempt.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -19,12 +31,32 @@ def attempt_dir(run_dir: Path, train_fingerprint: str) -> Path:
     return run_dir / "checkpoints" / train_fingerprint
 
 
+def _file_problem(path: Path) -> str | None:
+    """Why a checkpoint file cannot be loaded, judged from its framing, or None."""
+    if path.suffix in (".pt", ".pth", ".bin"):
+        try:  # torch.save writes a zip archive; a cut one has no central directory
+            with zipfile.ZipFile(path):
+                return None
+        except (OSError, zipfile.BadZipFile):
+            return f"{path.name} truncated or not a torch archive"
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "np"):
+                return None
+        except Exception:  # safetensors raises its own error type for a bad header
+            return f"{path.name} truncated or not safetensors"
+    return None
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """None when `path` is a complete checkpoint, else what is wrong with it."""
     for name in REQUIRED:
         if not (path / name).is_file() or (path / name).stat().st_size == 0:
             return f"{name} missing or empty"
-    if not any((path / w).is_file() and (path / w).stat().st_size > 0 for w in WEIGHTS):
+    weights = [path / w for w in WEIGHTS if (path / w).is_file() and (path / w).stat().st_size > 0]
+    if not weights:
         return "no weights"
     try:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
@@ -32,6 +64,10 @@ def checkpoint_problem(path: Path) -> str | None:
         return "trainer_state.json unreadable"
     if not isinstance(state, dict) or "global_step" not in state:
         return "trainer_state.json incomplete"
+    for f in (path / "optimizer.pt", path / "scheduler.pt", weights[0]):
+        problem = _file_problem(f)
+        if problem:
+            return problem
     return None
 
 
@@ -58,8 +94,81 @@ def newest_valid(folder: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
 def other_attempts(run_dir: Path, train_fingerprint: str) -> list[str]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != train_fingerprint)
+
+
+def write_attempt(folder: Path, record: dict[str, Any]) -> None:
+    from runner.state import write_json_atomic
+
+    write_json_atomic(folder / ATTEMPT, record)
+
+
+def read_attempt(folder: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((folder / ATTEMPT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def previous_attempt(run_dir: Path, train_fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
+    """The most recently started other attempt that recorded its settings."""
+    found = []
+    for name in other_attempts(run_dir, train_fingerprint):
+        folder = attempt_dir(run_dir, name)
+        record = read_attempt(folder)
+        if record is not None:
+            found.append((str(record.get("started", "")), name, folder, record))
+    if not found:
+        return None
+    _, _, folder, record = max(found, key=lambda item: (item[0], item[1]))
+    return folder, record
+
+
+def describe_attempt(folder: Path, record: dict[str, Any]) -> str:
+    """`attempt 1a2b... (finished)` or `attempt 1a2b... (stopped at checkpoint 8)`."""
+    if record.get("finished"):
+        return f"attempt {folder.name} (finished)"
+    newest, _ = newest_valid(folder)
+    where = f"stopped at checkpoint {step_of(newest)}" if newest else "no checkpoint"
+    return f"attempt {folder.name} ({where})"
+
+
+def changed_settings(run_dir: Path, current: Any) -> tuple[Path, dict[str, Any], list[str]] | None:
+    """When train would start fresh although another attempt exists: that attempt, its record
+    and why the fingerprints differ (runner.plan.explain). `current` is train's StageStatus."""
+    if newest_valid(attempt_dir(run_dir, current.fingerprint))[0] is not None:
+        return None  # this very attempt resumes
+    prev = previous_attempt(run_dir, current.fingerprint)
+    if prev is None:
+        return None
+    from runner.plan import explain
+
+    folder, record = prev
+    return folder, record, explain(record, current)
+
+
+def refuse_abandoning(recipe: Any, current: Any) -> None:
+    """With train.on_changed_settings = "refuse", stop before an unfinished attempt is left
+    behind because its settings changed (RecipeError, exit 2); call it before any stage runs."""
+    if recipe.get("train.on_changed_settings") != "refuse":
+        return
+    found = changed_settings(recipe.run_dir, current)
+    if found is None:
+        return
+    folder, record, why = found
+    if record.get("finished") or newest_valid(folder)[0] is None:
+        return  # nothing to resume there: starting fresh loses nothing
+    raise RecipeError(
+        f"{recipe.run_dir}: train: {describe_attempt(folder, record)} would be abandoned: "
+        f"{'; '.join(why)}; train.on_changed_settings is \"refuse\": undo the change to resume "
+        "it, or pass --set train.on_changed_settings=restart to start a new attempt"
+    )

@@ -78,9 +78,21 @@ def cli() -> None:
 @click.argument("recipe_files", metavar="RECIPE...", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=Path))
 @set_opt
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True,
+              help="json: a list of {file, line, path, message} on stdout, for CI systems.")
 @reported
-def validate(recipe_files: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
-    """Check recipes against the schema; print every problem as FILE:LINE: $.key: message."""
+def validate(recipe_files: tuple[Path, ...], overrides: tuple[str, ...], fmt: str) -> None:
+    """Check recipes against the schema; print every problem as FILE:LINE: $.key: message.
+    Exits 2 when any recipe is invalid, so it works as a pre-commit hook."""
+    if fmt == "json":
+        from runner.recipe.load import validation_report
+
+        found = validation_report(recipe_files, overrides)
+        click.echo(json.dumps(found, indent=2, ensure_ascii=False))
+        if found:
+            click.get_current_context().exit(2)
+        return
     problems: list[str] = []
     for f in recipe_files:
         try:
@@ -95,9 +107,13 @@ def validate(recipe_files: tuple[Path, ...], overrides: tuple[str, ...]) -> None
 @cli.command()
 @recipe_arg
 @set_opt
+@click.option("--model", "model", is_flag=True,
+              help="Also build the model on the meta device from its config (imports torch, reads "
+                   "no weights): LoRA targets checked, trainable params, a memory estimate.")
 @reported
-def plan(recipe_file: Path, overrides: tuple[str, ...]) -> None:
+def plan(recipe_file: Path, overrides: tuple[str, ...], model: bool) -> None:
     """Show each stage as done, stale (why) or pending, without running anything."""
+    from runner.models.resolve import remote_code_note
     from runner.plan import compute_plan
 
     recipe = _load(recipe_file, overrides)
@@ -105,24 +121,48 @@ def plan(recipe_file: Path, overrides: tuple[str, ...]) -> None:
     for st in compute_plan(recipe):
         why = f" ({'; '.join(st.reasons)})" if st.reasons else ""
         click.echo(f"  {st.name:<14} {st.status:<8} {st.fingerprint}{why}")
+    note = remote_code_note(recipe)
+    if note:
+        click.echo(note)
+    if model:
+        from runner.models.estimate import format_model_plan, plan_model
+        from runner.quiet import quiet_libraries
+
+        quiet_libraries()
+        for line in format_model_plan(plan_model(recipe)):
+            click.echo(line)
 
 
 @cli.command()
 @recipe_arg
 @set_opt
 @click.option("--force", is_flag=True, help="Reuse a run directory that belongs to another recipe.")
+@click.option("--locked", is_flag=True,
+              help="Refuse to run when the model, data, templates or library versions "
+                   "differ from RECIPE.lock.")
 @click.option("--until", "until", type=click.Choice(["format", "tokenize", "quantize-load", "train",
                                                      "save", "compare"]),
               help="Stop after this stage.")
 @reported
-def run(recipe_file: Path, overrides: tuple[str, ...], force: bool, until: str | None) -> None:
+def run(recipe_file: Path, overrides: tuple[str, ...], force: bool, locked: bool,
+        until: str | None) -> None:
     """Run the stages that are not up to date, then print the before/after table."""
     from runner.run import run_recipe
 
     recipe = _load(recipe_file, overrides)
+    if locked:
+        recipe = _locked(recipe, recipe_file)
     run_recipe(recipe, click.echo, force=force, only=until)
     if until in (None, "compare"):
         _print_compare(recipe.run_dir)
+
+
+def _locked(recipe: Any, recipe_file: Path) -> Any:
+    from runner.recipe.lockfile import apply_lock, lock_path
+
+    recipe = apply_lock(recipe, recipe_file)
+    click.echo(f"{lock_path(recipe_file)}: nothing drifted")
+    return recipe
 
 
 def _print_compare(run_dir: Path) -> None:
@@ -137,6 +177,8 @@ def _print_compare(run_dir: Path) -> None:
     summary = json.loads(state_file.read_text(encoding="utf-8")).get("metrics", {})
     print_table(rows, summary)
     click.echo(f"compare table: {run_dir / 'compare.md'}")
+    if (run_dir / "report.html").is_file():
+        click.echo(f"report: {run_dir / 'report.html'}")
 
 
 @cli.command()
@@ -146,6 +188,7 @@ def _print_compare(run_dir: Path) -> None:
 def status(recipe_file: Path, overrides: tuple[str, ...]) -> None:
     """What ran, when, with which fingerprint, and its metrics."""
     from runner.plan import compute_plan
+    from runner.report.data_metrics import metric_lines
 
     recipe = _load(recipe_file, overrides)
     click.echo(f"recipe {recipe.name}: run dir {recipe.run_dir}")
@@ -157,8 +200,33 @@ def status(recipe_file: Path, overrides: tuple[str, ...]) -> None:
         if st.reasons:
             click.echo(f"      why: {'; '.join(st.reasons)}")
         metrics = state.get("metrics") or {}
-        if metrics:
+        readable = metric_lines(st.name, metrics, state.get("params") or {})
+        for line in readable or []:
+            click.echo(f"      {line}")
+        if metrics and readable is None:
             click.echo(f"      metrics: {json.dumps(metrics, ensure_ascii=False, sort_keys=True)[:400]}")
+
+
+@cli.command()
+@recipe_arg
+@set_opt
+@click.option("-n", "--examples", "n", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Training examples to show.")
+@click.option("--rows", "lint_rows", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Training rows the lint checks.")
+@click.option("--plain", is_flag=True,
+              help="Mark masked tokens with [masked]...[/masked] instead of colours "
+                   "(the default when stdout is not a terminal).")
+@reported
+def inspect(recipe_file: Path, overrides: tuple[str, ...], n: int, lint_rows: int,
+            plain: bool) -> None:
+    """Show rendered examples, which tokens are trained and which masked, and data warnings;
+    runs nothing and writes nothing into the run directory."""
+    from runner.data.inspection import inspect_recipe
+
+    recipe = _load(recipe_file, overrides)
+    plain = plain or not sys.stdout.isatty()
+    inspect_recipe(recipe, n=n, lint_rows=lint_rows, plain=plain, echo=click.echo)
 
 
 @cli.command()
@@ -167,6 +235,142 @@ def schema() -> None:
     from runner.recipe.schema import SCHEMA_PATH
 
     click.echo(SCHEMA_PATH.read_text(encoding="utf-8"), nl=False)
+
+
+@cli.command()
+@recipe_arg
+@set_opt
+@reported
+def show(recipe_file: Path, overrides: tuple[str, ...]) -> None:
+    """Print the fully resolved recipe (extends, defaults and --set applied) as TOML."""
+    click.echo(_load(recipe_file, overrides).to_toml(), nl=False)
+
+
+@cli.command()
+@recipe_arg
+@reported
+def lock(recipe_file: Path) -> None:
+    """Write RECIPE.lock: model and data commits or hashes, template hashes, library versions.
+    Resolving a hub revision to a commit needs the network."""
+    from runner.recipe.lockfile import write_lock
+
+    click.echo(f"wrote {write_lock(_load(recipe_file, ()), recipe_file)}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--from", "starter", type=click.Choice(["adgen", "adgen-tiny"]), default="adgen",
+              show_default=True, help="adgen: ChatGLM3-6B on a GPU; adgen-tiny: tiny model, CPU.")
+@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("."), help="Folder to write into (default: the current one).")
+@reported
+def new(name: str, starter: str, folder: Path) -> None:
+    """Write a commented starter recipe NAME.toml (and its prompt template) that validates as is;
+    never overwrites."""
+    from runner.recipe.starters import new_recipe
+
+    for path in new_recipe(name, starter, folder):
+        click.echo(f"wrote {path}")
+
+
+@cli.command(hidden=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the page to FILE instead of stdout.")
+def reference(output: Path | None) -> None:
+    """Print the recipe reference page (Markdown) generated from the schema."""
+    from runner.recipe.reference import render_reference
+
+    text = render_reference()
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}")
+
+
+def _note(message: str) -> None:
+    click.echo(message, err=True)
+
+
+base_opt = click.option("--base", is_flag=True,
+                        help="Use the base model alone, without the trained adapter.")
+max_new_opt = click.option("--max-new-tokens", type=click.IntRange(min=1), metavar="N",
+                           help="Override compare.max_new_tokens.")
+
+
+@cli.command()
+@recipe_arg
+@click.option("--prompt", metavar="TEXT", help="The prompt exactly as the model sees it.")
+@click.option("--row", metavar="JSON",
+              help="A data row rendered through the recipe's prompt template, "
+                   """e.g. '{"content": "类型#裙*颜色#红色"}'.""")
+@base_opt
+@max_new_opt
+@set_opt
+@reported
+def generate(recipe_file: Path, prompt: str | None, row: str | None, base: bool,
+             max_new_tokens: int | None, overrides: tuple[str, ...]) -> None:
+    """Generate from one prompt with the fine-tuned model (decoding as in [compare])."""
+    from runner.use import open_session, prompt_from_row
+
+    if (prompt is None) == (row is None):
+        raise RecipeError("generate: pass exactly one of --prompt TEXT (the raw prompt) or "
+                          "--row JSON (rendered through the recipe's prompt template)")
+    recipe = _load(recipe_file, overrides)
+    text = prompt if prompt is not None else prompt_from_row(recipe, str(row))
+    session = open_session(recipe, base=base, log=_note, max_new_tokens=max_new_tokens)
+    click.echo(session.reply(text))
+
+
+@cli.command()
+@recipe_arg
+@click.option("--raw", is_flag=True, help="Each line is the whole prompt (no template).")
+@base_opt
+@max_new_opt
+@set_opt
+@reported
+def chat(recipe_file: Path, raw: bool, base: bool, max_new_tokens: int | None,
+         overrides: tuple[str, ...]) -> None:
+    """Talk to the fine-tuned model: one prompt per line on stdin, replies on stdout."""
+    from runner.use import chat_loop, open_session
+
+    recipe = _load(recipe_file, overrides)
+    session = open_session(recipe, base=base, log=_note, max_new_tokens=max_new_tokens)
+    chat_loop(session, recipe, sys.stdin, say=click.echo, note=_note,
+              marker=lambda: click.echo("> ", err=True, nl=False), raw=raw)
+
+
+@cli.command()
+@recipe_arg
+@click.option("--merge", "merge_out", metavar="OUT", type=click.Path(path_type=Path),
+              help="Write a merged model (adapter folded into the de-quantized base) to OUT.")
+@click.option("--adapter", "adapter_out", metavar="OUT", type=click.Path(path_type=Path),
+              help="Write the adapter with a model card (README.md) to OUT.")
+@click.option("--chatglm-adapter", "chatglm_out", metavar="OUT",
+              type=click.Path(path_type=Path),
+              help="ChatGLM3 models: write the adapter in ChatGLM3's module names "
+                   "(query_key_value, ...) to OUT, for the original model's code.")
+@set_opt
+@reported
+def export(recipe_file: Path, merge_out: Path | None, adapter_out: Path | None,
+           chatglm_out: Path | None, overrides: tuple[str, ...]) -> None:
+    """Export the trained adapter (--adapter OUT) or a merged model (--merge OUT)."""
+    from runner.export import export_adapter, export_merged
+
+    if merge_out is None and adapter_out is None and chatglm_out is None:
+        raise RecipeError("export: pass --merge OUT (a merged model) and/or --adapter OUT "
+                          "(the adapter with a model card) and/or --chatglm-adapter OUT")
+    if merge_out and adapter_out and merge_out.resolve() == adapter_out.resolve():
+        raise RecipeError(f"export: --merge and --adapter both name {merge_out}; use two folders")
+    recipe = _load(recipe_file, overrides)
+    if adapter_out is not None:
+        export_adapter(recipe, adapter_out, _note)
+    if merge_out is not None:
+        export_merged(recipe, merge_out, _note)
+    if chatglm_out is not None:
+        from runner.models.chatglm_export import export_chatglm_adapter
+
+        export_chatglm_adapter(recipe, chatglm_out, _note)
 
 
 def main() -> None:

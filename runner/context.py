@@ -15,11 +15,16 @@ class Context:
     run_dir: Path
     echo: Callable[[str], None]
     fingerprint: str = ""  # of the stage being run
+    status: Any = None  # its runner.plan.StageStatus: params, inputs, upstream, libraries
     memo: dict[str, Any] = field(default_factory=dict)  # e.g. the model loaded by quantize-load
     on_progress: Callable[[dict[str, Any]], None] = field(default=lambda metrics: None)
 
     def path(self, relative: str) -> Path:
-        return self.run_dir / relative
+        """A stage output path: fixed by the stage, always inside the run directory."""
+        path = self.run_dir / relative
+        if ".." in Path(relative).parts or not path.is_relative_to(self.run_dir):
+            raise ValueError(f"{relative}: stage outputs stay inside the run directory")
+        return path
 
     def log(self, message: str) -> None:
         """A line on the terminal and in logs/run.log."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from runner.data.sources import dataset_identity
 from runner.data.templates import template_identity
-from runner.models.resolve import model_identity, tokenizer_identity
+from runner.models.resolve import tokenizer_identity, weights_identity
 from runner.recipe import Recipe, flatten
 from runner.state import CorruptState, fingerprint, path_size, read_state
 
@@ -34,26 +34,27 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("format", "format", reads=("recipe.seed", "dataset", "template"),
+          ignores=("template.format",),  # how text becomes tokens: read by tokenize
           inputs=lambda r: {"dataset": dataset_identity(r), "templates": template_identity(r)},
           outputs=("data/formatted",), libraries=("datasets", "jinja2")),
     Stage("tokenize", "tokenize",
-          reads=("tokenize", "model.name_or_path", "model.revision", "model.tiny.corpus",
-                 "model.tiny.vocab_size", "model.tiny.seed"),
+          reads=("tokenize", "template.format", "model.name_or_path", "model.revision",
+                 "model.tiny.corpus", "model.tiny.vocab_size", "model.tiny.seed"),
           ignores=("tokenize.num_proc",), upstream=("format",),
           inputs=lambda r: {"tokenizer": tokenizer_identity(r)},
           outputs=("data/tokenized",), libraries=("datasets", "transformers", "tokenizers")),
     Stage("quantize-load", "quantize_load", reads=("model", "quantization", "lora"),
-          inputs=lambda r: {"model": model_identity(r)},
+          inputs=lambda r: {"model": weights_identity(r)},
           outputs=("model/load.json",), libraries=("torch", "transformers", "peft", "bitsandbytes")),
     Stage("train", "train", reads=("recipe.seed", "train"),
           ignores=("train.logging_steps", "train.save_steps", "train.save_total_limit",
-                   "train.report_to", "train.dataloader_num_workers"),
+                   "train.report_to", "train.dataloader_num_workers", "train.on_changed_settings"),
           upstream=("tokenize", "quantize-load"),
           outputs=("train/final", "train/log_history.json"),
           libraries=("torch", "transformers", "peft", "bitsandbytes", "accelerate")),
     Stage("save", "save", reads=(), upstream=("train",), outputs=("adapter",), libraries=("peft",)),
     Stage("compare", "compare", reads=("recipe.seed", "compare"), upstream=("save", "tokenize"),
-          outputs=("compare.md", "compare.jsonl"),
+          outputs=("compare.md", "compare.jsonl", "report.html"),
           libraries=("torch", "transformers", "peft", "bitsandbytes")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -168,7 +169,7 @@ def compute_plan(recipe: Recipe) -> list[StageStatus]:
         elif stored["status"] != "done":
             status.status = "pending"
             last = "did not finish" if stored["status"] == "running" else stored["status"]
-            status.reasons = [f"last run {last}" + _resume_hint(stored)]
+            status.reasons = [f"last run {last}" + _resume_hint(run_dir, stored)]
         else:
             missing = _missing_outputs(run_dir, stage, stored)
             if missing:
@@ -183,9 +184,14 @@ def compute_plan(recipe: Recipe) -> list[StageStatus]:
     return plan
 
 
-def _resume_hint(stored: dict[str, Any]) -> str:
-    step = (stored.get("metrics") or {}).get("last_checkpoint_step")
-    return f"; resumes from checkpoint {step}" if step else ""
+def _resume_hint(run_dir: Path, stored: dict[str, Any]) -> str:
+    """Where training resumes: the newest valid checkpoint on disk (the state file may lag it)."""
+    from runner.checkpoints import attempt_dir, newest_valid, step_of
+
+    if stored.get("stage") != "train":
+        return ""
+    newest, _ = newest_valid(attempt_dir(run_dir, stored["fingerprint"]))
+    return f"; resumes from checkpoint {step_of(newest)}" if newest else ""
 
 
 def _missing_outputs(run_dir: Path, stage: Stage, stored: dict[str, Any]) -> list[str]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib
 import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from runner.checkpoints import refuse_abandoning
 from runner.context import Context
 from runner.errors import Interrupted, RecipeError, StageError
 from runner.plan import STAGE_NAMES, StageStatus, compute_plan, state_path
@@ -23,20 +26,11 @@ def _now() -> str:
 
 
 def write_resolved_recipe(recipe: Recipe) -> None:
-    import tomli_w
-
     path = recipe.run_dir / "recipe.resolved.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = f"# {recipe.path} resolved (defaults and overrides applied)\n"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(header + tomli_w.dumps(_drop_none(recipe.data)), encoding="utf-8")
+    tmp.write_text(recipe.to_toml(), encoding="utf-8")
     tmp.replace(path)
-
-
-def _drop_none(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _drop_none(v) for k, v in data.items() if v is not None}
-    return data
 
 
 def check_ownership(recipe: Recipe, force: bool) -> None:
@@ -75,6 +69,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _record_end(path: Path, state: dict[str, Any]) -> None:
+    """Best effort: when the disk is full the file keeps saying `running`, which stays honest."""
+    with contextlib.suppress(OSError):
+        write_json_atomic(path, state)
+
+
 def run_stage(ctx: Context, st: StageStatus) -> dict[str, Any]:
     state = new_state(st.name) | {
         "status": "running", "fingerprint": st.fingerprint, "params": st.params,
@@ -90,6 +90,7 @@ def run_stage(ctx: Context, st: StageStatus) -> dict[str, Any]:
 
     ctx.on_progress = progress
     ctx.fingerprint = st.fingerprint
+    ctx.status = st
     quiet_libraries()
     module = importlib.import_module(f"runner.stages.{st.stage.module}")
     t0 = time.monotonic()
@@ -97,15 +98,15 @@ def run_stage(ctx: Context, st: StageStatus) -> dict[str, Any]:
         metrics = module.run(ctx)
     except (KeyboardInterrupt, Interrupted):
         state.update(status="interrupted", ended=_now())
-        write_json_atomic(path, state)
+        _record_end(path, state)
         raise Interrupted(st.name) from None
     except (RecipeError, StageError):
         state.update(status="failed", ended=_now())
-        write_json_atomic(path, state)
+        _record_end(path, state)
         raise
     except Exception as e:
         state.update(status="failed", ended=_now())
-        write_json_atomic(path, state)
+        _record_end(path, state)
         if is_disk_full(e):
             raise StageError(st.name, f"disk full while writing {getattr(e, 'filename', None) or ctx.run_dir}; "
                              "free space and run again (finished stages are kept)") from e
@@ -129,6 +130,9 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None], *, force: bool = Fal
         write_resolved_recipe(recipe)
         ctx = Context(recipe=recipe, run_dir=run_dir, echo=echo)
         plan = compute_plan(recipe)
+        train = plan[STAGE_NAMES.index("train")]
+        if train.status != "done" and only not in STAGE_NAMES[:STAGE_NAMES.index("train")]:
+            refuse_abandoning(recipe, train)  # on_changed_settings = "refuse": before any work
         reran: set[str] = set()
         for st in plan:
             if only and STAGE_NAMES.index(st.name) > STAGE_NAMES.index(only):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from runner import __version__
+from runner import __version__, faults
 from runner.errors import RecipeError
 
 STATE_VERSION = 1
@@ -73,6 +73,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        faults.before_state_rename(path)  # test-only fault injection (runner/faults.py)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -104,51 +105,62 @@ def new_state(stage: str) -> dict[str, Any]:
     return {"schema_version": STATE_VERSION, "runner_version": __version__, "stage": stage}
 
 
-def _pid_alive(pid: int) -> bool:
+def _lock_holder(lock: Path) -> int | None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return int(lock.read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return None  # the holder has not written its pid yet
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """One `recipe run` per run directory; a lock left by a dead process is taken over."""
+    """One `recipe run` per run directory. The lock is an flock on `.lock`, which the kernel
+    releases when its process ends, however it ends, so a lock left by a dead process (kill -9,
+    power loss) is simply taken over; the file holds the holder's pid for the message."""
+    import fcntl
+
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / ".lock"
-    for _ in range(3):
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = int(lock.read_text().strip() or "0")
-            except (OSError, ValueError):
-                holder = 0
-            if holder and holder != os.getpid() and _pid_alive(holder):
-                raise RecipeError(
-                    f"{run_dir}: another `recipe run` (pid {holder}) is using this run directory; "
-                    f"wait for it or stop it (if pid {holder} is not a recipe run, delete {lock})"
-                ) from None
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    else:
-        raise RecipeError(f"{lock}: could not take the run lock; delete it if no run is active")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = _lock_holder(lock)
+            who = f" (pid {holder})" if holder else ""
+            stop = f"; `kill -INT {holder}` stops it after saving a checkpoint" if holder else ""
+            raise RecipeError(f"{run_dir}: another `recipe run`{who} is using this run directory; "
+                              f"wait for it to finish{stop}") from None
+        try:  # the holder may have released and removed the file between our open and flock
+            current = os.stat(lock)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(fd), current):
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
     try:
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+            lock.unlink()  # while still locked, so nobody locks a file that is going away
+        os.close(fd)
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    """ENOSPC or EDQUOT, also when a library wrapped the OSError (its cause or context)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -174,3 +186,17 @@ def fresh_tmp_dir(final: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     return tmp
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a temp file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -88,7 +88,7 @@ def test_shipped_files_match_generator() -> None:
     for name, rows in expected.items():
         assert read_jsonl(DATA_DIR / name) == rows, name
     total = sum((DATA_DIR / name).stat().st_size for name in expected)
-    assert total < 2 * 1024 * 1024
+    assert total < 2_000_000
     assert (DATA_DIR / "README.md").is_file()
 
 

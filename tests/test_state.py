@@ -82,10 +82,13 @@ def test_describe_folder_is_content_based(tmp_path: Path) -> None:
 
 
 def test_lock_refuses_a_live_holder(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    hold = ("import sys, time\nfrom pathlib import Path\nfrom runner.state import run_lock\n"
+            "with run_lock(Path(sys.argv[1])):\n"
+            "    print('locked', flush=True)\n    time.sleep(30)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)
     try:
-        tmp_path.mkdir(exist_ok=True)
-        (tmp_path / ".lock").write_text(str(holder.pid))
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         with pytest.raises(RecipeError) as e, run_lock(tmp_path):
             pass
         assert f"pid {holder.pid}" in str(e.value)

@@ -3,9 +3,11 @@
 Each record pairs a ``content`` string (``类型#连衣裙*颜色#红色*...``) with a
 ``summary`` of ad copy. The summary is a learnable function of the content:
 every attribute is rendered through one of a few phrase templates that quote
-its value, in the order the attributes appear in the content, followed by one
-or two generic closing sentences. All vocabulary and phrasing here is
-original text written for this project.
+its value, in the order the attributes appear in the content; short ones get
+a generic closing sentence, and each ends with a recap naming the garment again
+(with its colour/pattern/style), which teaches a pre-trained base to copy
+earlier words. All vocabulary and phrasing here is original text written for
+this project.
 
 Regenerate the shipped files with ``python -m runner.data.demo --out data/adgen-demo``.
 """
@@ -177,7 +179,7 @@ TEMPLATE_NOISE = 0.15
 # Number of extra attributes besides 类型 and how often each count is drawn.
 ATTR_COUNTS: tuple[int, ...] = (3, 4, 5, 6, 7)
 ATTR_WEIGHTS: tuple[float, ...] = (0.15, 0.3, 0.3, 0.15, 0.1)
-CLOSING_BELOW = 100
+CLOSING_BELOW = 90
 
 DRESS_KEYS = (
     "版型",

@@ -31,14 +31,16 @@ def _all_files(recipe: Recipe) -> list[Path] | None:
     elif raw.count("/") == 1 and not raw.startswith((".", "/", "~")) and not Path(raw).suffix:
         return None  # hub id, e.g. HasturOfficial/adgen
     else:
-        raise RecipeError(f"{recipe.path}: $.dataset.path: {target} not found; "
+        raise RecipeError(f"{recipe.origin('dataset.path')}: $.dataset.path: {target} not found; "
                           "give a local json/jsonl/csv/parquet file, folder or glob, or a hub id")
     files = [f for f in files if f.suffix in BUILDERS]
     if not files:
-        raise RecipeError(f"{recipe.path}: $.dataset.path: no .json/.jsonl/.csv/.parquet files in {target}")
+        raise RecipeError(f"{recipe.origin('dataset.path')}: $.dataset.path: "
+                          f"no .json/.jsonl/.csv/.parquet files in {target}")
     kinds = {BUILDERS[f.suffix] for f in files}
     if len(kinds) > 1:
-        raise RecipeError(f"{recipe.path}: $.dataset.path: mixed file types ({', '.join(sorted(kinds))}); "
+        raise RecipeError(f"{recipe.origin('dataset.path')}: $.dataset.path: "
+                          f"mixed file types ({', '.join(sorted(kinds))}); "
                           "use one format per dataset")
     return files
 
@@ -63,11 +65,13 @@ def local_files(recipe: Recipe, split: str | None = None) -> list[Path] | None:
 
 
 def dataset_identity(recipe: Recipe) -> dict[str, Any]:
+    """Hub id and revision, or each local file's sha256 keyed by its path relative to the recipe
+    file (no absolute paths: two clones of a project get the same fingerprints)."""
     files = _all_files(recipe)
     ds = recipe.section("dataset")
     if files is None:
         return {"hub": ds["path"], "name": ds["name"], "revision": ds["revision"] or "main"}
-    return {"files": {str(f): sha256_file(f) for f in files}}
+    return {"files": {recipe.portable(ds["path"], f): sha256_file(f) for f in files}}
 
 
 def parse_split(spec: str) -> tuple[str, str | None, str | None]:
@@ -92,7 +96,7 @@ def slice_rows(ds: Any, spec: str) -> Any:
         return ds
     n = len(ds)
     lo, hi, _ = slice(_bound(start, n), _bound(stop, n)).indices(n)
-    return ds.select(range(lo, max(lo, hi)))
+    return ds.select(range(lo, hi) if hi > lo else [])  # an empty range at the end: no rows
 
 
 def load_split(recipe: Recipe, spec: str) -> Any:
@@ -102,6 +106,10 @@ def load_split(recipe: Recipe, spec: str) -> Any:
     split, _, _ = parse_split(spec)
     files = local_files(recipe, split)
     ds_cfg = recipe.section("dataset")
+    for f in files or []:  # pyarrow reads bad UTF-8 silently and chokes on empty files
+        problem = check_text(f)
+        if problem:
+            raise RecipeError(f"{recipe.origin('dataset.path')}: $.dataset.path: {problem}")
     try:
         if files is None:
             loaded = datasets.load_dataset(ds_cfg["path"], ds_cfg["name"], revision=ds_cfg["revision"],
@@ -130,24 +138,47 @@ def _explain_load_error(files: list[Path] | None, error: Exception) -> str:
     return f"cannot read {', '.join(map(str, files))}: {type(error).__name__}: {error}".splitlines()[0]
 
 
-def find_bad_line(path: Path) -> str | None:
-    """Name the first undecodable or (for JSON lines) unparsable line of a data file."""
-    import json
-
+def check_text(path: Path) -> str | None:
+    """`file:line` of the first line of a text data file that is not UTF-8, or "empty"."""
+    if path.suffix == ".parquet":
+        return None
+    blank = True
+    offset = 0
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return (f"{path}:{number}: not UTF-8 (byte {offset + e.start}); "
+                            "convert the file to UTF-8")
+                offset += len(raw)
+                blank = blank and not raw.strip()
     except OSError as e:
         return f"{path}: cannot read: {e.strerror}"
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        return f"{path}:{line}: not UTF-8 (byte {e.start}); convert the file to UTF-8"
-    if path.suffix == ".jsonl":
-        for number, line_text in enumerate(text.splitlines(), start=1):
-            if line_text.strip():
-                try:
-                    json.loads(line_text)
-                except json.JSONDecodeError as e:
-                    return f"{path}:{number}: invalid JSON ({e.msg}); fix or delete that line"
+    return f"{path}: the file is empty; add rows or remove it" if blank else None
+
+
+def find_bad_line(path: Path) -> str | None:
+    """Name the first undecodable or unparsable line of a data file (JSON, or JSON lines in a
+    .json or .jsonl file)."""
+    import json
+
+    problem = check_text(path)
+    if problem or path.suffix not in (".json", ".jsonl"):
+        return problem
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # not JSON lines: one JSON document with an error
+                return f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file"
+    for number, line_text in enumerate(text.splitlines(), start=1):
+        if line_text.strip():
+            try:
+                json.loads(line_text)
+            except json.JSONDecodeError as e:
+                return f"{path}:{number}: invalid JSON ({e.msg}); fix or delete that line"
     return None

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RecipeError
-from runner.models.chatglm import CHATGLM_TO_GLM_TARGETS
+from runner.models.chatglm import CHATGLM_TO_GLM_TARGETS, translate_target_modules_to_chatglm
 from runner.recipe import Recipe
-
 
 
 def device_map() -> Any:
@@ -59,15 +58,16 @@ def load_tokenizer(folder: Path) -> Any:
     return tok
 
 
-def load_base(recipe: Recipe, folder: Path) -> Any:
-    """The quantized (or plain) base model on the right device, no adapters."""
+def load_base(recipe: Recipe, folder: Path, *, quantize: bool = True) -> Any:
+    """The quantized (or plain) base model on the right device, no adapters; `quantize=False`
+    loads it unquantized in the compute dtype (to merge an adapter into)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
     return AutoModelForCausalLM.from_pretrained(
         folder,
-        quantization_config=quantization_config(recipe),
+        quantization_config=quantization_config(recipe) if quantize else None,
         dtype=compute_dtype(recipe),
         device_map=device_map(),
         trust_remote_code=recipe.get("model.trust_remote_code"),
@@ -92,8 +92,27 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names)
 
 
-def resolve_targets(recipe: Recipe, model: Any) -> list[str] | str:
-    """Explicit names checked against the model; "auto" via peft's mapping, else all linear."""
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_label(model: Any, naming: str) -> str:
+    return "ChatGLM3" if naming == "chatglm" else str(model.config.model_type)
+
+
+def resolve_targets(recipe: Recipe, model: Any, naming: str = "native") -> list[str]:
+    """The native module names that get LoRA adapters.
+
+    "all-linear": every linear layer but the output head; "auto": peft's mapping for the model
+    type (ChatGLM3's when the checkpoint was converted from it), else every linear layer; a list:
+    each name checked against the model's real linear module names. `naming` is "chatglm" when
+    the recipe's checkpoint is ChatGLM3 (converted to native GLM): its names (query_key_value,
+    dense, dense_h_to_4h, dense_4h_to_h) are the real ones then, and are translated; on a native
+    GLM model they are accepted too, as aliases of the modules they became.
+    """
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
 
     wanted = recipe.get("lora.target_modules")
@@ -101,23 +120,138 @@ def resolve_targets(recipe: Recipe, model: Any) -> list[str] | str:
     if wanted == "all-linear":
         return available
     if wanted == "auto":
-        mapped = MAPPING.get(model.config.model_type)
-        return list(mapped) if mapped and set(mapped) <= set(available) else available
+        mapped = MAPPING.get("chatglm" if naming == "chatglm" else model.config.model_type)
+        if mapped and naming == "chatglm":
+            mapped = [n for m in mapped for n in CHATGLM_TO_GLM_TARGETS.get(m, [m])]
+        return sorted(set(mapped)) if mapped and set(mapped) <= set(available) else available
+    if naming == "chatglm":  # the original checkpoint's names, in their usual order
+        real = [c for c, glm in CHATGLM_TO_GLM_TARGETS.items() if set(glm) <= set(available)]
+    else:
+        real = available
     names: list[str] = []
     for name in wanted:
-        if name in available:
-            names.append(name)
-        elif name in CHATGLM_TO_GLM_TARGETS and set(CHATGLM_TO_GLM_TARGETS[name]) <= set(available):
-            names.extend(CHATGLM_TO_GLM_TARGETS[name])  # ChatGLM3 name on the converted native GLM
-        else:
+        glm_alias = CHATGLM_TO_GLM_TARGETS.get(name, []) if naming == "native" else []
+        if glm_alias and set(glm_alias) <= set(available):  # ChatGLM3 name on a native GLM
+            names.extend(glm_alias)
+            continue
+        if name not in real:
             raise RecipeError(
-                f"{recipe.path}: $.lora.target_modules: {name!r} is not a linear module of "
-                f"{model.config.model_type}; available: {', '.join(available)}"
+                f"{recipe.origin('lora.target_modules')}: $.lora.target_modules: {name!r} "
+                f"is not a linear module of {_model_label(model, naming)}"
+                f"{_did_you_mean(name, real)}; available: {', '.join(real)}"
             )
+        names.extend(CHATGLM_TO_GLM_TARGETS[name] if naming == "chatglm" else [name])
     return sorted(set(names))
 
 
-def lora_config(recipe: Recipe, targets: list[str] | str) -> Any:
+def module_names(model: Any, naming: str = "native") -> list[str]:
+    """Short names of the modules that hold parameters themselves (what modules_to_save takes)."""
+    names = set()
+    for full, module in model.named_modules():
+        short = full.rsplit(".", 1)[-1]
+        if full and not short.isdigit() and any(True for _ in module.parameters(recurse=False)):
+            names.add(short)
+    if naming == "chatglm":
+        names = set(translate_target_modules_to_chatglm(sorted(names)))
+    return sorted(names)
+
+
+def resolve_modules_to_save(recipe: Recipe, model: Any, naming: str = "native") -> list[str] | None:
+    """lora.modules_to_save checked against the model (in ChatGLM3 names for a ChatGLM3 checkpoint)
+    and translated to native names."""
+    from runner.models.chatglm import translate_target_modules
+
+    wanted = recipe.get("lora.modules_to_save")
+    if not wanted:
+        return None
+    real = module_names(model, naming)
+    for name in wanted:
+        if name not in real:
+            raise RecipeError(
+                f"{recipe.origin('lora.modules_to_save')}: $.lora.modules_to_save: {name!r} "
+                f"is not a module of {_model_label(model, naming)}{_did_you_mean(name, real)}; "
+                f"available: {', '.join(real)}"
+            )
+    return translate_target_modules(wanted) if naming == "chatglm" else list(wanted)
+
+
+def check_layers(recipe: Recipe, model: Any) -> None:
+    """lora.layers_to_transform must name layers the model has."""
+    wanted = recipe.get("lora.layers_to_transform")
+    count = getattr(model.config, "num_hidden_layers", None)
+    if not wanted or count is None:
+        return
+    missing = [i for i in wanted if i >= count]
+    if missing:
+        raise RecipeError(
+            f"{recipe.origin('lora.layers_to_transform')}: $.lora.layers_to_transform: layer "
+            f"{missing[0]} does not exist: {model.config.model_type} has {count} layers "
+            f"(0..{count - 1})"
+        )
+
+
+def quantized_linears(model: Any) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of the linear layers bitsandbytes quantizes: the
+    Linear4bit/Linear8bitLt of a loaded model, or for an unquantized (meta) model the nn.Linear
+    layers transformers would convert (all but the output head and tied weights)."""
+    import torch
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    quantized = [(n, m.in_features, m.out_features) for n, m in model.named_modules()
+                 if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    if quantized:
+        return quantized
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+    return [(n, m.in_features, m.out_features) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and should_convert_module(n, skip)]
+
+
+def cpu_4bit_problem(recipe: Recipe, model: Any) -> str | None:
+    """bitsandbytes' 4-bit CPU kernel (generation, no grad) needs in_features % 64 == 0 and
+    out_features % 32 == 0; training would run and compare fail, so refuse before either."""
+    if not recipe.get("quantization.load_in_4bit"):
+        return None
+    for name, fin, fout in quantized_linears(model):
+        if fin % 64 or fout % 32:
+            return (f"{recipe.origin('quantization.load_in_4bit')}: $.quantization.load_in_4bit: "
+                    "on the CPU, bitsandbytes' 4-bit kernel needs linear layers with in_features "
+                    "a multiple of 64 and out_features a multiple of 32; "
+                    f"{name} is {fin} -> {fout}: "
+                    "set load_in_4bit = false (plain LoRA) or load_in_8bit = true, or run on a GPU")
+    return None
+
+
+def precision_problems(recipe: Recipe, cuda: bool, bf16_ok: bool) -> list[str]:
+    """dtype settings the hardware cannot run, one line each (the rules that need no hardware
+    are cross-field rules of the recipe loader)."""
+    problems = []
+    name = recipe.get("quantization.bnb_4bit_compute_dtype")
+    if cuda and not bf16_ok and name == "bfloat16" and recipe.get("quantization.load_in_4bit"):
+        problems.append(
+            f"{recipe.origin('quantization.bnb_4bit_compute_dtype')}: "
+            "$.quantization.bnb_4bit_compute_dtype: this GPU has no bf16 support; "
+            "use \"float16\" or \"auto\"")
+    if cuda and not bf16_ok and recipe.get("train.bf16") is True:
+        problems.append(f"{recipe.origin('train.bf16')}: $.train.bf16: this GPU has no bf16 "
+                        "support; set bf16 = \"auto\" (or fp16 = true)")
+    if not cuda and recipe.get("train.fp16"):
+        problems.append(f"{recipe.origin('train.fp16')}: $.train.fp16: fp16 mixed precision "
+                        "needs a CUDA GPU and none is here; set fp16 = false "
+                        "(bf16 = \"auto\" picks for you)")
+    return problems
+
+
+def hardware() -> tuple[bool, bool]:
+    """(CUDA available, bf16 supported on it)."""
+    import torch
+
+    cuda = bool(torch.cuda.is_available())
+    return cuda, bool(cuda and torch.cuda.is_bf16_supported())
+
+
+def lora_config(recipe: Recipe, targets: list[str] | str,
+                modules_to_save: list[str] | None = None) -> Any:
     from peft import LoraConfig
 
     lora = recipe.section("lora")
@@ -129,10 +263,21 @@ def lora_config(recipe: Recipe, targets: list[str] | str) -> Any:
         bias=lora["bias"],
         use_dora=lora["use_dora"],
         use_rslora=lora["use_rslora"],
-        modules_to_save=lora["modules_to_save"] or None,
+        modules_to_save=(modules_to_save if modules_to_save is not None
+                         else lora["modules_to_save"] or None),
         layers_to_transform=lora["layers_to_transform"],
         task_type="CAUSAL_LM",
     )
+
+
+def upcast_to_fp32(recipe: Recipe) -> bool:
+    """peft's fp32 upcast of unquantized layers: on unless the compute dtype is bf16 (auto)."""
+    import torch
+
+    setting = recipe.get("quantization.upcast_to_fp32")
+    if setting == "auto":
+        return bool(compute_dtype(recipe) != torch.bfloat16)
+    return bool(setting)
 
 
 def load_for_training(recipe: Recipe, folder: Path) -> tuple[Any, dict[str, Any]]:
@@ -140,11 +285,21 @@ def load_for_training(recipe: Recipe, folder: Path) -> tuple[Any, dict[str, Any]
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    from runner.models.resolve import chatglm_source_config
+
+    problems = precision_problems(recipe, *hardware())
+    if problems:
+        raise RecipeError(problems)
     torch.manual_seed(recipe.seed)
     model = load_base(recipe, folder)
-    targets = resolve_targets(recipe, model)
+    naming = "chatglm" if chatglm_source_config(folder) is not None else "native"
+    targets = resolve_targets(recipe, model, naming)
+    modules_to_save = resolve_modules_to_save(recipe, model, naming)
+    check_layers(recipe, model)
+    if not torch.cuda.is_available() and (problem := cpu_4bit_problem(recipe, model)):
+        raise RecipeError(problem)
     checkpointing = recipe.get("train.gradient_checkpointing")
-    if quantization_config(recipe) is not None:
+    if quantization_config(recipe) is not None and upcast_to_fp32(recipe):
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=checkpointing,
@@ -153,11 +308,12 @@ def load_for_training(recipe: Recipe, folder: Path) -> tuple[Any, dict[str, Any]
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(recipe, targets))
+    model = get_peft_model(model, lora_config(recipe, targets, modules_to_save))
     trainable, total = model.get_nb_trainable_parameters()
     report = {
         "model_type": model.config.model_type,
         "target_modules": targets,
+        "module_naming": naming,
         "adapted_modules": sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A")),
         "trainable_params": trainable,
         "all_params": total,

@@ -17,7 +17,7 @@ from runner.recipe import BUILTIN_TINY, Recipe
 from runner.state import fingerprint, sha256_file
 
 TINY_BUILDER_VERSION = 1
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: the source's config kept in recipe_source.json
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -28,6 +28,7 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+SOURCE_FILE = "recipe_source.json"  # in a converted folder: what it was converted from
 
 
 def cache_root() -> Path:
@@ -39,7 +40,7 @@ def _tiny_settings(recipe: Recipe) -> dict[str, Any]:
     corpus = recipe.resolve(tiny.pop("corpus"))
     if not corpus.is_file():
         raise RecipeError(
-            f"{recipe.path}: $.model.tiny.corpus: {corpus} not found; "
+            f"{recipe.origin('model.tiny.corpus')}: $.model.tiny.corpus: {corpus} not found; "
             "point it at a JSON-lines file with a `text` field"
         )
     tiny["corpus_sha256"] = sha256_file(corpus)
@@ -66,14 +67,25 @@ def model_identity(recipe: Recipe) -> dict[str, Any]:
     if name == BUILTIN_TINY:
         return {"kind": "builtin", "builder": TINY_BUILDER_VERSION, **_tiny_settings(recipe)}
     local = recipe.resolve(name)
-    if local.is_dir():
-        return {"kind": "local", "path": str(local), "files": _folder_files(local)}
+    if local.is_dir():  # identified by its files, not by where it is
+        return {"kind": "local", "files": _folder_files(local)}
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise RecipeError(
-            f"{recipe.path}: $.model.name_or_path: {name!r} is neither a local folder "
+            f"{recipe.origin('model.name_or_path')}: $.model.name_or_path: "
+            f"{name!r} is neither a local folder "
             "nor a hub id like owner/name; fix the path"
         )
     return {"kind": "hub", "id": name, "revision": m.get("revision") or "main"}
+
+
+def weights_identity(recipe: Recipe) -> dict[str, Any]:
+    """model_identity without the tokenizer files: what loading the model reads (a changed
+    tokenizer re-runs tokenize, not quantize-load)."""
+    ident = model_identity(recipe)
+    if ident["kind"] == "local":
+        files = {k: v for k, v in ident["files"].items() if k not in TOKENIZER_FILES}
+        return {**ident, "files": files}
+    return ident
 
 
 def tokenizer_identity(recipe: Recipe) -> dict[str, Any]:
@@ -81,12 +93,8 @@ def tokenizer_identity(recipe: Recipe) -> dict[str, Any]:
     if ident["kind"] == "builtin":  # the tokenizer depends on these alone
         return {k: ident[k] for k in ("kind", "builder", "vocab_size", "corpus_sha256", "seed")}
     if ident["kind"] == "local":
-        folder = Path(ident["path"])
-        return {
-            "kind": "local",
-            "path": ident["path"],
-            "files": _folder_files(folder, TOKENIZER_FILES),
-        }
+        folder = recipe.resolve(recipe.get("model.name_or_path"))
+        return {"kind": "local", "files": _folder_files(folder, TOKENIZER_FILES)}
     return ident
 
 
@@ -105,16 +113,23 @@ def materialize(recipe: Recipe, log: Callable[[str], None]) -> Path:
     if ident["kind"] == "builtin":
         return _build_tiny(recipe, ident, log)
     if ident["kind"] == "local":
-        folder = Path(ident["path"])
+        folder = recipe.resolve(recipe.get("model.name_or_path"))
     else:
         folder = _download(recipe, ident)
+    if recipe.get("model.random_init"):
+        return _random_weights(folder, ident, log)
     if is_chatglm_folder(folder):
         return _convert_chatglm(folder, ident, log)
     return folder
 
 
+def builtin_folder(ident: dict[str, Any]) -> Path:
+    """Where the embedded tiny model of these settings is (or will be) cached."""
+    return cache_root() / "models" / f"tiny-glm-{fingerprint(ident)}"
+
+
 def _build_tiny(recipe: Recipe, ident: dict[str, Any], log: Callable[[str], None]) -> Path:
-    out = cache_root() / "models" / f"tiny-glm-{fingerprint(ident)}"
+    out = builtin_folder(ident)
     if (out / "config.json").is_file():
         return out
     from runner.models.tiny import build_tiny_model
@@ -152,12 +167,104 @@ def _download(recipe: Recipe, ident: dict[str, Any]) -> Path:
         ) from None
 
 
+def converted_folder(ident: dict[str, Any]) -> Path:
+    """Where the native GLM conversion of a ChatGLM checkpoint is cached: keyed by the source's
+    identity (hub id + revision, or the local folder's files) and the converter's version."""
+    return cache_root() / "converted" / f"glm-{fingerprint({'src': ident, 'v': CONVERTER_VERSION})}"
+
+
+def chatglm_source_config(folder: Path) -> dict[str, Any] | None:
+    """The original ChatGLM config.json when `folder` was converted from a ChatGLM checkpoint."""
+    try:
+        data = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = data.get("chatglm_config") if isinstance(data, dict) else None
+    return config if isinstance(config, dict) else None
+
+
 def _convert_chatglm(folder: Path, ident: dict[str, Any], log: Callable[[str], None]) -> Path:
-    out = cache_root() / "converted" / f"glm-{fingerprint({'src': ident, 'v': CONVERTER_VERSION})}"
+    out = converted_folder(ident)
     if (out / "config.json").is_file():
         return out
     from runner.models.chatglm import convert_checkpoint
+    from runner.state import fresh_tmp_dir, replace_dir
 
     log(f"converting ChatGLM checkpoint {folder} to native GLM in {out} (once; cached)")
-    convert_checkpoint(folder, out)
+    tmp = fresh_tmp_dir(out)
+    try:
+        convert_checkpoint(folder, tmp)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{folder}: cannot convert this ChatGLM checkpoint to native GLM: "
+                          f"{type(e).__name__}: {e}") from None
+    source = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    (tmp / SOURCE_FILE).write_text(json.dumps({"format": "chatglm", "source": ident,
+                                               "chatglm_config": source}, indent=2) + "\n",
+                                   encoding="utf-8")
+    replace_dir(tmp, out)
+    return out
+
+
+def remote_code_note(recipe: Recipe) -> str | None:
+    """With trust_remote_code on: which of the model's Python files would run. A local folder's
+    *.py files; for a hub id the ones the hub lists at the pinned revision (one quick request),
+    or a line saying the hub could not be asked. None when remote code is off."""
+    m = recipe.section("model")
+    if not m.get("trust_remote_code"):
+        return None
+    name = m["name_or_path"]
+    local = recipe.resolve(name)
+    if name == BUILTIN_TINY:
+        return "remote code: none (the builtin model is native transformers code)"
+    if local.is_dir():
+        files = sorted(p.name for p in local.glob("*.py"))
+        where = str(local)
+    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return (f"remote code: cannot list the *.py files of {name} at revision "
+                f"{m.get('revision')} (offline: HF_HUB_OFFLINE is set)")
+    else:
+        try:
+            from huggingface_hub import HfApi
+
+            info = HfApi().model_info(name, revision=m.get("revision"), timeout=5)
+        except Exception as e:  # offline, unknown repo, auth: one line
+            return (f"remote code: cannot list the *.py files of {name} at revision "
+                    f"{m.get('revision')} (hub unreachable or refused: {type(e).__name__})")
+        files = sorted(s.rfilename for s in info.siblings or [] if s.rfilename.endswith(".py"))
+        where = f"{name}@{m.get('revision')}"
+    chatglm = is_chatglm_folder(local) if local.is_dir() else "modeling_chatglm.py" in files
+    if chatglm:
+        return (f"remote code: not run: {where} is a ChatGLM checkpoint, converted to native GLM "
+                f"instead (its {', '.join(files) or 'no'} .py files are ignored)")
+    if not files:
+        return f"remote code: trust_remote_code = true, but {where} ships no .py files"
+    return f"remote code that would run (trust_remote_code = true): {where}: {', '.join(files)}"
+
+
+def _random_weights(folder: Path, ident: dict[str, Any], log: Callable[[str], None]) -> Path:
+    """The model of `folder`'s config.json with seeded random weights (on the GPU when there is one)."""
+    out = cache_root() / "random" / f"random-{fingerprint({'src': ident, 'v': 1})}"
+    if (out / "config.json").is_file():
+        return out
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from runner.state import fresh_tmp_dir, replace_dir
+
+    log(f"building {folder.name} with random weights into {out} (once; cached)")
+    config = AutoConfig.from_pretrained(folder)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tmp = fresh_tmp_dir(out)
+    model.save_pretrained(tmp)
+    del model
+    for f in folder.iterdir():
+        if f.is_file() and f.name in TOKENIZER_FILES:
+            shutil.copy2(f, tmp / f.name)
+    replace_dir(tmp, out)
     return out

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RecipeError
+from runner.recipe.layers import load_layers, lookup
 from runner.recipe.model import BUILTIN_TINY, Recipe
+from runner.recipe.problems import InvalidRecipe, Problem
 from runner.recipe.schema import json_path, schema_errors, subschema, with_defaults
-from runner.recipe.toml_lines import key_lines, line_of
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,20 +21,23 @@ else:  # pragma: no cover
 
 
 def read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    def fail(message: str, line: int | None = None) -> InvalidRecipe:
+        return InvalidRecipe([Problem(str(path), line, None, message)])
+
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file; check the path") from None
+        raise fail("no such recipe file; check the path") from None
     except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        raise fail(f"not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except OSError as e:
-        raise RecipeError(f"{path}: cannot read: {e.strerror}") from None
+        raise fail(f"cannot read: {e.strerror}") from None
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as e:
         line = getattr(e, "lineno", None) or _line_from_message(str(e))
         msg = str(e).split(" (at line")[0]
-        raise RecipeError(f"{path}:{line or 1}: invalid TOML: {msg}") from None
+        raise fail(f"invalid TOML: {msg}", line or 1) from None
 
 
 def _line_from_message(message: str) -> int | None:
@@ -51,6 +55,9 @@ def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     path = tuple(part.strip() for part in key.strip().split("."))
     if not all(path):
         raise RecipeError(f"--set {item}: empty key part; write it as table.key=value")
+    if path[0] == "extends":
+        raise RecipeError(f"--set {item}: extends cannot be set on the command line; "
+                          "write it in the recipe file")
     try:
         value: Any = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -93,6 +100,10 @@ def cross_field_errors(written: dict[str, Any], data: dict[str, Any]) -> list[tu
         errors.append((("train", "fp16"),
                        "fp16 = true with bnb_4bit_compute_dtype = \"bfloat16\" mixes dtypes; "
                        "use bf16 = true (or compute dtype float16 on GPUs without bf16)"))
+    if train["bf16"] is True and q["load_in_4bit"] and q["bnb_4bit_compute_dtype"] == "float16":
+        errors.append((("train", "bf16"),
+                       "bf16 = true with bnb_4bit_compute_dtype = \"float16\" mixes dtypes; "
+                       "use compute dtype \"bfloat16\" (or fp16 = true on GPUs without bf16)"))
     model = data["model"]
     if model["trust_remote_code"] and not model.get("revision"):
         errors.append((("model", "trust_remote_code"),
@@ -113,40 +124,72 @@ def cross_field_errors(written: dict[str, Any], data: dict[str, Any]) -> list[tu
         errors.append((("compare", "num_examples"),
                        "compare needs held-out rows: set dataset.heldout_rows > 0 or dataset.heldout_split, "
                        "or compare.num_examples = 0"))
+    if train["eval_steps"] > 0 and ds["heldout_split"] is None and ds["heldout_rows"] == 0:
+        errors.append((("train", "eval_steps"),
+                       "evaluation needs held-out rows: set dataset.heldout_rows > 0 or "
+                       "dataset.heldout_split, or train.eval_steps = 0"))
+    if train["early_stopping_patience"] > 0 and train["eval_steps"] == 0:
+        errors.append((("train", "early_stopping_patience"),
+                       "early stopping watches the held-out loss: set train.eval_steps > 0 "
+                       "(e.g. the same as save_steps), or early_stopping_patience = 0"))
     return errors
 
 
 def load_recipe(path: Path | str, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
-    """Read, override, validate. Raises RecipeError with one line per problem."""
+    """Read (with the files it extends), override, validate. Raises RecipeError with one line
+    per problem (an InvalidRecipe, which also carries each problem's file, line and key)."""
     shown = Path(path)  # as the user wrote it, for messages
     path = shown.expanduser().resolve()
-    data, text = read_toml(shown)
-    lines = key_lines(text)
-    written = copy.deepcopy(data)
+    merged = load_layers(shown)
+    origins = merged.origins
+    written = copy.deepcopy(merged.data)
     from_set: dict[tuple[str, ...], str] = {}
     for item in overrides:
         key, value = parse_override(item)
         _set(written, key, value)
         from_set[key] = item
 
-    def place(p: tuple[str | int, ...]) -> str:
+    def problem(p: tuple[str | int, ...], message: str) -> Problem:
         strs = tuple(str(x) for x in p)
         for i in range(len(strs), 0, -1):
             if strs[:i] in from_set:
-                return f"--set {from_set[strs[:i]]}"
-        return f"{shown}:{line_of(lines, strs) or 1}"
+                return Problem(str(shown), None, json_path(p), message, set_item=from_set[strs[:i]])
+        origin = lookup(origins, p)
+        if origin is None:
+            return Problem(str(shown), 1, json_path(p), message)
+        return Problem(origin.shown, origin.line, json_path(p), message)
 
-    def by_line(found: Sequence[tuple[tuple[str | int, ...], str]]) -> list[str]:
-        def order(item: tuple[tuple[str | int, ...], str]) -> tuple[int, str]:
-            return line_of(lines, tuple(str(x) for x in item[0])) or 0, json_path(item[0])
+    def by_line(found: Sequence[tuple[tuple[str | int, ...], str]]) -> list[Problem]:
+        def order(item: tuple[tuple[str | int, ...], str]) -> tuple[int, int, str]:
+            origin = lookup(origins, item[0])
+            rank, line = (origin.rank, origin.line) if origin else (0, 0)
+            return rank, line, json_path(item[0])
 
-        return [f"{place(p)}: {json_path(p)}: {m}" for p, m in sorted(found, key=order)]
+        return [problem(p, m) for p, m in sorted(found, key=order)]
 
     errors = by_line(schema_errors(written))
     if errors:
-        raise RecipeError(errors)
+        raise InvalidRecipe(errors)
     full = with_defaults(written)
     errors = by_line(cross_field_errors(written, full))
     if errors:
-        raise RecipeError(errors)
-    return Recipe(path=path, data=full, written=written, overrides=tuple(overrides))
+        raise InvalidRecipe(errors)
+    where = {".".join(k): o.path for k, o in origins.items() if o.path != path}
+    where.update({".".join(k): path for k in from_set})  # --set paths are relative to the recipe
+    return Recipe(path=path, data=full, written=written, overrides=tuple(overrides),
+                  origins=where, files=tuple(merged.files))
+
+
+def validation_report(files: Sequence[Path], overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """`recipe validate --format json`: every problem of every file as {file, line, path, message}
+    (line and path null where a problem has none, e.g. a file that does not parse)."""
+    found: list[dict[str, Any]] = []
+    for f in files:
+        try:
+            load_recipe(f, tuple(overrides))
+        except InvalidRecipe as e:
+            found.extend(p.as_json() for p in e.problems)
+        except RecipeError as e:
+            found.extend({"file": str(f), "line": None, "path": None, "message": line}
+                         for line in e.lines)
+    return found

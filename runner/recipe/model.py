@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ class Recipe:
     data: dict[str, Any]  # validated, with defaults
     written: dict[str, Any]  # as written (after overrides), without defaults
     overrides: tuple[str, ...] = field(default=())
+    origins: dict[str, Path] = field(default_factory=dict)  # dotted key -> parent file that set it
+    files: tuple[Path, ...] = field(default=())  # the recipe and every file it extends
 
     def get(self, dotted: str) -> Any:
         node: Any = self.data
@@ -51,9 +54,40 @@ class Recipe:
         return self.path.parent
 
     def resolve(self, relative: str) -> Path:
-        """A path written in the recipe, relative to the recipe file."""
+        """A path written in the recipe, relative to the recipe file (paths its parents wrote
+        were rebased onto the recipe file's folder when they were merged)."""
         p = Path(relative).expanduser()
         return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    def origin(self, dotted: str) -> Path:
+        """The file that set a key: a file the recipe extends, else the recipe itself."""
+        parts = dotted.split(".")
+        for i in range(len(parts), 0, -1):
+            found = self.origins.get(".".join(parts[:i]))
+            if found is not None:
+                return found
+        return self.path
+
+    def portable(self, written: str, path: Path) -> str:
+        """How a file that the value `written` names appears in fingerprints and lock files:
+        relative to the recipe file (two clones agree), absolute only when written absolute."""
+        if Path(written).expanduser().is_absolute():
+            return path.as_posix()
+        try:
+            return Path(os.path.relpath(path, self.base_dir)).as_posix()
+        except ValueError:  # another drive (Windows)
+            return path.as_posix()
+
+    def to_toml(self) -> str:
+        """The fully resolved recipe (defaults, parents and overrides applied) as TOML."""
+        import tomli_w
+
+        header = [f"# {self.path} resolved (defaults and overrides applied)"]
+        if len(self.files) > 1:
+            header.append(f"# extends: {', '.join(str(f) for f in self.files[1:])}")
+        if self.overrides:
+            header.append("# --set " + " --set ".join(self.overrides).replace("\n", "\\n"))
+        return "\n".join(header) + "\n" + tomli_w.dumps(_drop_none(self.data))
 
     @property
     def run_dir(self) -> Path:
@@ -66,3 +100,10 @@ class Recipe:
     @property
     def is_builtin_model(self) -> bool:
         return bool(self.data["model"]["name_or_path"] == BUILTIN_TINY)
+
+
+def _drop_none(data: Any) -> Any:
+    """TOML has no null: a key whose value is None is left out (it reads back as its default)."""
+    if isinstance(data, dict):
+        return {k: _drop_none(v) for k, v in data.items() if v is not None}
+    return data

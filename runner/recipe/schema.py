@@ -80,9 +80,10 @@ def with_defaults(data: dict[str, Any], schema: dict[str, Any] | None = None) ->
     """A copy of `data` with every schema default filled in (tables too)."""
     schema = schema or load_schema()
     out = dict(data)
+    required = schema.get("required", []) + schema.get("else", {}).get("required", [])
     for key, sub in schema.get("properties", {}).items():
         if sub.get("type") == "object" and "properties" in sub:
-            if key in out or key not in schema.get("required", []):
+            if key in out or key not in required:
                 out[key] = with_defaults(out.get(key, {}), sub)
         elif key not in out and "default" in sub:
             out[key] = sub["default"]

@@ -9,6 +9,7 @@ from typing import Any
 from runner.context import Context
 from runner.report.metrics import scores, summary
 from runner.report.table import markdown
+from runner.state import write_text_atomic
 
 HELDOUT_LOSS_ROWS = 64
 
@@ -23,29 +24,11 @@ def prompts(ctx: Context) -> list[dict[str, Any]]:
     heldout = load_from_disk(str(ctx.path("data/formatted")), keep_in_memory=True)["heldout"]
     rows = [{"prompt": p, "reference": r}
             for p, r in zip(heldout["prompt"][: cfg["num_examples"]],
-                            heldout["response"][: cfg["num_examples"]])]
+                            heldout["response"][: cfg["num_examples"]], strict=True)]
     renderer = Renderer(template_sources(ctx.recipe))
     for i, extra in enumerate(cfg["prompts"]):
         rows.append({"prompt": renderer.render_part("prompt", extra, i), "reference": None})
     return [{"index": i, **r} for i, r in enumerate(rows)]
-
-
-def generate(model: Any, tok: Any, texts: list[str], cfg: dict[str, Any], seed: int) -> list[str]:
-    import torch
-
-    tok.padding_side = "left"
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=True).to(model.device)
-    torch.manual_seed(seed)
-    kwargs: dict[str, Any] = {"max_new_tokens": cfg["max_new_tokens"], "do_sample": cfg["do_sample"],
-                              "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
-    if cfg["do_sample"]:
-        kwargs.update(temperature=cfg["temperature"], top_p=cfg["top_p"])
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    with torch.no_grad():
-        out = model.generate(**batch, **kwargs)
-    new = out[:, batch["input_ids"].shape[1]:]
-    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 
 def heldout_loss(model: Any, tok: Any, ctx: Context) -> float | None:
@@ -65,7 +48,8 @@ def heldout_loss(model: Any, tok: Any, ctx: Context) -> float | None:
         for start in range(0, n, 8):
             rows = [data[i] for i in range(start, min(n, start + 8))]
             batch = {k: v.to(model.device) for k, v in collate(rows).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             losses = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -78,6 +62,7 @@ def heldout_loss(model: Any, tok: Any, ctx: Context) -> float | None:
 def run(ctx: Context) -> dict[str, Any]:
     from peft import PeftModel
 
+    from runner.models.generate import generate, prompt_encoder
     from runner.models.load import load_base, load_tokenizer
     from runner.models.resolve import materialize
 
@@ -87,25 +72,51 @@ def run(ctx: Context) -> dict[str, Any]:
     tok = load_tokenizer(folder)
     model = PeftModel.from_pretrained(load_base(recipe, folder), str(ctx.path("adapter")))
     model.eval()
+    encoder = prompt_encoder(recipe, tok)  # prompts encoded exactly as the tokenize stage does
     rows = prompts(ctx)
     texts = [r["prompt"] for r in rows]
     with model.disable_adapter():
-        before = generate(model, tok, texts, cfg, recipe.seed) if texts else []
+        before = generate(model, tok, encoder, texts, cfg, recipe.seed)
         loss_before = heldout_loss(model, tok, ctx)
-    after = generate(model, tok, texts, cfg, recipe.seed) if texts else []
+    after = generate(model, tok, encoder, texts, cfg, recipe.seed)
     loss_after = heldout_loss(model, tok, ctx)
-    for r, b, a in zip(rows, before, after):
+    for r, b, a in zip(rows, before, after, strict=True):
         r["before"], r["after"] = b, a
         if r["reference"]:
-            r["before_scores"], r["after_scores"] = scores(b, r["reference"]), scores(a, r["reference"])
+            r["before_scores"] = scores(b, r["reference"])
+            r["after_scores"] = scores(a, r["reference"])
     result = summary(rows)
     if loss_before is not None and loss_after is not None:
         result["heldout_loss"] = {"before": round(loss_before, 4), "after": round(loss_after, 4),
                                   "before_ppl": round(math.exp(min(loss_before, 50)), 2),
                                   "after_ppl": round(math.exp(min(loss_after, 50)), 2)}
-    with open(ctx.path("compare.jsonl"), "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-    ctx.path("compare.md").write_text(markdown(rows, result), encoding="utf-8")
-    ctx.log(f"compare: {len(rows)} prompts; before {result.get('before')} after {result.get('after')}")
+    write_text_atomic(ctx.path("compare.jsonl"), "".join(
+        json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+    write_text_atomic(ctx.path("compare.md"), markdown(rows, result))
+    write_text_atomic(ctx.path("report.html"), report(ctx, rows, result))
+    ctx.log(f"compare: {len(rows)} prompts; before {result.get('before')} "
+            f"after {result.get('after')}; report {ctx.path('report.html')}")
     return result
+
+
+def report(ctx: Context, rows: list[dict[str, Any]], result: dict[str, Any]) -> str:
+    """report.html: the recipe, the loss curve from train/log_history.json, metrics, examples."""
+    from runner.report.html import recipe_summary, render
+
+    def read_json(rel: str) -> Any:
+        try:
+            return json.loads(ctx.path(rel).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    history = read_json("train/log_history.json")
+    train_state = read_json("state/train.json")
+    resolved = ctx.path("recipe.resolved.toml")
+    return render(
+        title=f"{ctx.recipe.name}: fine-tuning report",
+        summary_pairs=recipe_summary(ctx.recipe.data),
+        rows=rows, summary=result,
+        history=history if isinstance(history, list) else [],
+        resolved_toml=resolved.read_text(encoding="utf-8") if resolved.is_file() else None,
+        train_metrics=(train_state or {}).get("metrics") if isinstance(train_state, dict) else None,
+    )

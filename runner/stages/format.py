@@ -1,76 +1,208 @@
-"""format: load the rows, shuffle, split off held-out rows, render prompt and response."""
+"""format: load the rows, flatten and rename columns, shuffle, split off held-out rows, render
+prompt and response with the sandboxed templates.
+
+`prepare` does the work in memory (the inspect command uses it on a few rows); `run` writes the
+result to data/formatted through a temporary folder.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from runner.context import Context
-from runner.data.sources import load_split
+from runner.data.lint import format_warnings
+from runner.data.sources import load_split, parse_split, slice_rows
 from runner.data.templates import Renderer, template_sources
 from runner.errors import RecipeError
+from runner.recipe import Recipe
 from runner.state import fresh_tmp_dir, replace_dir
 
+ROW = "__source_row__"  # 1-based row of the split in file order, for messages; never templated
+EMPTY_PROMPT, EMPTY_RESPONSE = "__empty_prompt__", "__empty_response__"
+SHOWN_ROWS = 5  # rows named in an empty-text warning or error
 
-def _rename(ds: Any, columns: dict[str, str], where: str) -> Any:
+
+def flatten_columns(ds: Any, where: Any) -> Any:
+    """Nested (struct) columns become top-level ones named parent_child."""
+    flat = ds.flatten()
+    renames = {c: c.replace(".", "_") for c in flat.column_names if "." in c}
+    clashes = sorted(new for new in renames.values() if new in flat.column_names)
+    if clashes:
+        raise RecipeError(
+            f"{where}: $.dataset.flatten: flattened column {clashes[0]!r} clashes "
+            "with an existing column; rename one of them in the data"
+        )
+    return flat.rename_columns(renames) if renames else flat
+
+
+def shape_columns(ds: Any, recipe: Recipe) -> Any:
+    """dataset.flatten, then dataset.columns ({new = "old"})."""
+    cfg = recipe.section("dataset")
+    if cfg.get("flatten"):
+        ds = flatten_columns(ds, recipe.origin("dataset.flatten"))
+    columns = cfg["columns"]
     missing = [old for old in columns.values() if old not in ds.column_names]
     if missing:
-        raise RecipeError(f"{where}: $.dataset.columns: no column {', '.join(map(repr, missing))}; "
-                          f"the data has: {', '.join(ds.column_names)}")
-    return ds.rename_columns({old: new for new, old in columns.items() if old != new})
+        have = ", ".join(c for c in ds.column_names if c != ROW)
+        raise RecipeError(
+            f"{recipe.origin('dataset.columns')}: $.dataset.columns: no column "
+            f"{', '.join(map(repr, missing))}; the data has: {have}"
+        )
+    renames = {old: new for new, old in columns.items() if old != new}
+    return ds.rename_columns(renames) if renames else ds
 
 
-def render_rows(ds: Any, renderer: Renderer) -> tuple[Any, int]:
-    """A dataset of (prompt, response), without rows whose prompt or response is empty."""
+def split_name(recipe: Recipe, key: str) -> str:
+    """The split a `dataset.split`-like key names (`train[:1%]` -> train)."""
+    try:
+        return parse_split(recipe.get(key))[0]
+    except ValueError as e:
+        raise RecipeError(f"{recipe.origin(key)}: $.{key}: {e}") from None
 
-    def fmt(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[str]]:
-        prompts, responses = [], []
-        for i, index in enumerate(indices):
-            row = {k: v[i] for k, v in batch.items()}
-            p, r = renderer.render(row, index)
+
+def load_rows(recipe: Recipe, key: str) -> Any:
+    """The split `key` names (sliced as it says), its columns shaped, with the 1-based source row
+    number in ROW (rows of `train[100:200]` are numbered 101..200, as in the file)."""
+    ds = load_split(recipe, split_name(recipe, key))
+    ds = slice_rows(ds.add_column(ROW, list(range(1, len(ds) + 1))), recipe.get(key))
+    return shape_columns(ds, recipe)
+
+
+def render_rows(
+    ds: Any, renderer: Renderer, split: str, on_empty: str = "drop"
+) -> tuple[Any, dict[str, Any]]:
+    """(prompt, response, ROW) rows, without those whose prompt or response is empty; and the
+    counts of empty prompts and responses with the first few row numbers."""
+    import numpy as np
+
+    def fmt(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        prompts, responses, empty_p, empty_r = [], [], [], []
+        names = [k for k in batch if k != ROW]
+        for i, number in enumerate(batch[ROW]):
+            row = {k: batch[k][i] for k in names}
+            p, r = renderer.render(row, number, f"{split} row")
             prompts.append(p)
             responses.append(r)
-        return {"prompt": prompts, "response": responses}
+            empty_p.append(not p.strip())
+            empty_r.append(not r.strip())
+        return {
+            "prompt": prompts,
+            "response": responses,
+            ROW: batch[ROW],
+            EMPTY_PROMPT: empty_p,
+            EMPTY_RESPONSE: empty_r,
+        }
 
-    out = ds.map(fmt, batched=True, with_indices=True, remove_columns=ds.column_names,
-                 load_from_cache_file=False, desc="format")
-    kept = out.filter(lambda b: [bool(p.strip()) and bool(r.strip())
-                                 for p, r in zip(b["prompt"], b["response"])],
-                      batched=True, load_from_cache_file=False)
-    return kept, len(out) - len(kept)
+    if len(ds) == 0:  # map would return no columns at all
+        from datasets import Dataset
+
+        none: dict[str, Any] = {"prompt": 0, "response": 0, "rows": [], "dropped": 0}
+        return Dataset.from_dict({"prompt": [], "response": [], ROW: []}), none
+    out = ds.map(
+        fmt,
+        batched=True,
+        remove_columns=ds.column_names,
+        load_from_cache_file=False,
+        desc=f"format {split}",
+    )
+    empty_p = out.data.column(EMPTY_PROMPT).to_numpy(zero_copy_only=False).astype(bool)
+    empty_r = out.data.column(EMPTY_RESPONSE).to_numpy(zero_copy_only=False).astype(bool)
+    out = out.remove_columns([EMPTY_PROMPT, EMPTY_RESPONSE])
+    empty = empty_p | empty_r
+    numbers = out.data.column(ROW).to_numpy(zero_copy_only=False)
+    empty_rows = [int(n) for n in numbers[empty]]
+    counts = {
+        "prompt": int(empty_p.sum()),
+        "response": int(empty_r.sum()),
+        "rows": empty_rows[:SHOWN_ROWS],
+        "dropped": len(empty_rows),
+    }
+    if empty_rows and on_empty == "error":
+        shown = ", ".join(str(n) for n in empty_rows[:SHOWN_ROWS])
+        raise RecipeError(
+            f"template: the template produced an empty prompt or response in "
+            f"{len(empty_rows):,} {split} rows (rows {shown}); fix the data or the "
+            'template, or set template.empty = "drop" to drop them'
+        )
+    if empty_rows:
+        out = out.select(np.flatnonzero(~empty))
+    return out, counts
+
+
+@dataclass
+class Formatted:
+    train: Any
+    heldout: Any
+    metrics: dict[str, Any]
+    train_split: str = "train"  # the split's name, for messages
+
+
+def prepare(recipe: Recipe, limit: int | None = None) -> Formatted:
+    """The formatted train and held-out rows, in memory. `limit`: render only the first rows of
+    each split (after shuffling and the held-out split), for a preview."""
+    cfg = recipe.section("dataset")
+    where = str(recipe.path)
+    renderer = Renderer(template_sources(recipe))  # template errors before any data is read
+    train = load_rows(recipe, "dataset.split")
+    if cfg["shuffle"]:
+        train = train.shuffle(seed=recipe.seed)
+    train_name = split_name(recipe, "dataset.split")
+    heldout_name = train_name
+    if cfg["heldout_split"]:
+        heldout = load_rows(recipe, "dataset.heldout_split")
+        heldout_name = split_name(recipe, "dataset.heldout_split")
+    else:
+        n = cfg["heldout_rows"]
+        if n >= len(train):
+            raise RecipeError(
+                f"{recipe.origin('dataset.heldout_rows')}: $.dataset.heldout_rows: "
+                f"{n} rows held out but the split {cfg['split']!r} has only "
+                f"{len(train)}; lower heldout_rows"
+            )
+        heldout = train.select(range(len(train) - n, len(train)))
+        train = train.select(range(len(train) - n))
+    if cfg["max_rows"]:
+        train = train.select(range(min(cfg["max_rows"], len(train))))
+    available = len(train)
+    if limit is not None:
+        train = train.select(range(min(limit, len(train))))
+        heldout = heldout.select(range(min(limit, len(heldout))))
+    on_empty = recipe.get("template.empty")
+    train, train_empty = render_rows(train, renderer, train_name, on_empty)
+    heldout, heldout_empty = render_rows(heldout, renderer, heldout_name, on_empty)
+    if len(train) == 0:
+        why = (
+            f"all {available:,} rendered an empty prompt or response"
+            if available
+            else f"the split {cfg['split']!r} has no rows"
+        )
+        raise RecipeError(
+            f"{where}: no training rows left after formatting ({why}); check "
+            "dataset.path, dataset.split and the templates"
+        )
+    metrics = {
+        "train_rows": len(train),
+        "heldout_rows": len(heldout),
+        "dropped_empty": train_empty["dropped"] + heldout_empty["dropped"],
+        "train_empty": train_empty,
+        "heldout_empty": heldout_empty,
+        "rows_available": available,
+    }
+    return Formatted(train, heldout, metrics, train_name)
 
 
 def run(ctx: Context) -> dict[str, Any]:
     from datasets import DatasetDict
 
-    recipe = ctx.recipe
-    cfg = recipe.section("dataset")
-    where = str(recipe.path)
-    train = _rename(load_split(recipe, cfg["split"]), cfg["columns"], where)
-    if cfg["shuffle"]:
-        train = train.shuffle(seed=recipe.seed)
-    if cfg["heldout_split"]:
-        heldout = _rename(load_split(recipe, cfg["heldout_split"]), cfg["columns"], where)
-    else:
-        n = cfg["heldout_rows"]
-        if n >= len(train):
-            raise RecipeError(f"{where}: $.dataset.heldout_rows: {n} rows held out but the split has "
-                              f"only {len(train)}; lower heldout_rows")
-        heldout = train.select(range(len(train) - n, len(train)))
-        train = train.select(range(len(train) - n))
-    if cfg["max_rows"]:
-        train = train.select(range(min(cfg["max_rows"], len(train))))
-    renderer = Renderer(template_sources(recipe))
-    train, dropped = render_rows(train, renderer)
-    heldout, dropped_heldout = render_rows(heldout, renderer)
-    if dropped:
-        ctx.log(f"format: dropped {dropped} rows with an empty prompt or response")
-    if len(train) == 0:
-        raise RecipeError(f"{where}: no training rows left after formatting; check dataset.split "
-                          "and the templates")
+    formatted = prepare(ctx.recipe)
+    for warning in format_warnings(formatted.metrics):
+        ctx.log(f"format: warning: {warning}")
     final = ctx.path("data/formatted")
     tmp = fresh_tmp_dir(final)
-    DatasetDict({"train": train, "heldout": heldout}).save_to_disk(str(tmp))
+    data = {"train": formatted.train, "heldout": formatted.heldout}
+    DatasetDict({k: v.remove_columns([ROW]) for k, v in data.items()}).save_to_disk(str(tmp))
     replace_dir(tmp, final)
-    ctx.log(f"format: {len(train)} training rows, {len(heldout)} held out")
-    return {"train_rows": len(train), "heldout_rows": len(heldout),
-            "dropped_empty": dropped + dropped_heldout}
+    m = formatted.metrics
+    ctx.log(f"format: {m['train_rows']} training rows, {m['heldout_rows']} held out")
+    return m

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import shutil
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
-from runner.checkpoints import attempt_dir, newest_valid, other_attempts
+from runner import faults
+from runner.checkpoints import (
+    attempt_dir,
+    changed_settings,
+    checkpoint_problem,
+    checkpoints,
+    describe_attempt,
+    newest_valid,
+    other_attempts,
+    read_attempt,
+    step_of,
+    write_attempt,
+)
 from runner.context import Context
-from runner.errors import Interrupted
-from runner.state import write_json_atomic
+from runner.errors import Interrupted, StageError
+from runner.progress import TrainProgress
+from runner.state import is_disk_full, path_size, write_json_atomic
+from runner.throughput import Meter, counting
 
 # Keys of [train] that go to TrainingArguments unchanged.
 PASSTHROUGH = (
@@ -59,24 +76,44 @@ def training_arguments(ctx: Context, output_dir: str) -> Any:
         report_to=[] if cfg["report_to"] == "none" else [cfg["report_to"]],
         include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=True,  # runner.progress draws the bar
         remove_unused_columns=False,
         save_strategy="steps",
-        eval_strategy="no",
+        **evaluation_arguments(cfg),
         **kwargs,
     )
 
 
-def make_callback(ctx: Context, stop_flag: dict[str, bool]) -> Any:
+def evaluation_arguments(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Held-out loss every eval_steps; early stopping on it (the adapter kept is the last one,
+    so save_steps, which does not change the result, stays free of eval_steps)."""
+    if not cfg["eval_steps"]:
+        return {"eval_strategy": "no"}
+    out: dict[str, Any] = {
+        "eval_strategy": "steps", "eval_steps": cfg["eval_steps"], "prediction_loss_only": True,
+        "per_device_eval_batch_size": cfg["per_device_train_batch_size"],
+    }
+    if cfg["early_stopping_patience"]:
+        out |= {"metric_for_best_model": "eval_loss", "greater_is_better": False,
+                "restore_callback_states_from_checkpoint": True}  # patience survives a resume
+    return out
+
+
+def make_callback(ctx: Context, stop_flag: dict[str, bool], meter: Meter,
+                  progress: TrainProgress) -> Any:
     from transformers import TrainerCallback
 
     class RunnerCallback(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            progress.start(state.max_steps, state.global_step, state.num_input_tokens_seen)
+
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                ctx.log(f"train: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
-                        f"lr {logs.get('learning_rate', 0):.2e}")
+            if logs:
+                progress.logged(state.global_step, logs)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            meter.step()
+            progress.step(state.global_step, state.num_input_tokens_seen)
             if stop_flag["stop"]:
                 control.should_save = True
                 control.should_training_stop = True
@@ -109,11 +146,94 @@ def interrupt_flag() -> tuple[dict[str, bool], Any]:
     return flag, restore
 
 
-def run(ctx: Context) -> dict[str, Any]:
-    import torch
-    from datasets import load_from_disk
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer
+def start_attempt(ctx: Context, out_dir: Path) -> Path | None:
+    """The checkpoint to resume from, or None; say why, record the attempt's settings."""
+    resume, skipped = newest_valid(out_dir)
+    for note in skipped:
+        ctx.log(f"train: {note}")
+    for step, path in checkpoints(out_dir):  # half-written ones newer than the resume point
+        if (resume is None or step > step_of(resume)) and checkpoint_problem(path):
+            shutil.rmtree(path, ignore_errors=True)
+    st = ctx.status
+    if resume is not None:
+        ctx.log(f"train: resumed from checkpoint {step_of(resume)} ({resume})")
+    elif st is not None and (found := changed_settings(ctx.run_dir, st)) is not None:
+        folder, record, why = found
+        ctx.log(f"train: starting fresh in attempt {out_dir.name}; "
+                f"{describe_attempt(folder, record)} was made with other settings and is not "
+                f"resumed: {'; '.join(why)}")
+    elif others := other_attempts(ctx.run_dir, out_dir.name):  # attempts older than attempt.json
+        ctx.log("train: starting fresh; checkpoints of earlier attempts were made with other "
+                f"settings and are not resumed: {', '.join(others)}")
+    if st is not None and (resume is None or read_attempt(out_dir) is None):
+        write_attempt(out_dir, {
+            "fingerprint": st.fingerprint, "params": st.params, "inputs": st.inputs,
+            "upstream": st.upstream, "libraries": st.libraries, "finished": False,
+            "started": dt.datetime.now(dt.timezone.utc).isoformat()})
+    return resume
 
+
+def disk_full(out_dir: Path, step: int, error: BaseException) -> StageError:
+    """The checkpoint being written is removed; the previous one and the state stay as they were."""
+    partial = out_dir / f"checkpoint-{step}"
+    saving = partial.is_dir() and checkpoint_problem(partial) is not None
+    if saving:
+        shutil.rmtree(partial, ignore_errors=True)
+    previous, _ = newest_valid(out_dir)
+    free = shutil.disk_usage(out_dir if out_dir.is_dir() else out_dir.parent).free
+    need = path_size(previous) if previous is not None else None
+    needs = f", a checkpoint needs about {need / 2**20:.1f} MiB" if need else ""
+    resumes = f"resumes from checkpoint {step_of(previous)}" if previous else "starts over"
+    where = (f"saving checkpoint {step} to {partial}" if saving else
+             f"writing {getattr(error, 'filename', None) or out_dir} at step {step}")
+    return StageError("train", f"disk full while {where} ({free / 2**20:.1f} MiB free{needs}); "
+                               f"free space and run again (it {resumes})")
+
+
+def keep_training_layout(model: Any) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights for its fast CPU inference kernel the
+    first time the layer runs in eval mode without grad, and the repacked layer then fails in
+    training (`result += bias` on a view): evaluating during training must not trigger that."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def is_last_step(checkpoint: Path) -> bool:
+    import json
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return bool(state.get("max_steps")) and state["global_step"] >= state["max_steps"]
+
+
+def reuse_last_checkpoint(ctx: Context, trainer: Any, checkpoint: Path, out_dir: Path
+                          ) -> dict[str, Any]:
+    """Training had finished (its state file was lost or corrupt): resuming from the last step's
+    checkpoint would train one step past max_steps (transformers checks after a step), so take
+    its weights and log as they are."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_peft_weights(str(checkpoint)))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    ctx.log(f"train: checkpoint {step_of(checkpoint)} is the last step; nothing left to train")
+    trainer.save_model(str(ctx.path("train/final")))
+    write_attempt(out_dir, {**(read_attempt(out_dir) or {}), "finished": True})
+    history = trainer.state.log_history
+    write_json_atomic(ctx.path("train/log_history.json"), history)
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {"global_step": trainer.state.global_step, "resumed_from": checkpoint.name,
+            "first_logged_loss": losses[0] if losses else None,
+            "last_logged_loss": losses[-1] if losses else None,
+            "tokens_seen": trainer.state.num_input_tokens_seen}
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    from datasets import load_from_disk
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
+
+    from runner.data.collate import make_collator
     from runner.models.load import load_for_training, load_tokenizer
     from runner.models.resolve import materialize
 
@@ -123,32 +243,52 @@ def run(ctx: Context) -> dict[str, Any]:
     model = ctx.memo.pop("model", None)
     if model is None:
         model, _ = load_for_training(recipe, folder)
-    fp = ctx.fingerprint
-    out_dir = attempt_dir(ctx.run_dir, fp)
-    resume, skipped = newest_valid(out_dir)
-    for note in skipped:
-        ctx.log(f"train: {note}")
-    if resume is not None:
-        ctx.log(f"train: resumed from checkpoint {resume.name.split('-')[-1]} ({resume})")
-    elif other_attempts(ctx.run_dir, fp):
-        ctx.log("train: starting fresh; checkpoints of earlier attempts were made with other "
-                f"settings and are not resumed: {', '.join(other_attempts(ctx.run_dir, fp))}")
+    out_dir = attempt_dir(ctx.run_dir, ctx.fingerprint)
+    resume = start_attempt(ctx, out_dir)
     data = load_from_disk(str(ctx.path("data/tokenized")), keep_in_memory=True)
-    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100,
-                                      pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    collator = make_collator(recipe, tok)
+    cfg = recipe.section("train")
     flag, restore = interrupt_flag()
-    trainer = Trainer(model=model, args=training_arguments(ctx, str(out_dir)), train_dataset=data["train"],
-                      data_collator=collator, callbacks=[make_callback(ctx, flag)])
+    meter = Meter(tok.pad_token_id)
+    progress = TrainProgress(ctx.log)
+    echo, ctx.echo = ctx.echo, progress.printer(ctx.echo)  # lines above the bar on a terminal
+    callbacks = [make_callback(ctx, flag, meter, progress)]
+    if cfg["early_stopping_patience"]:
+        callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"],
+                                               cfg["early_stopping_threshold"]))
+    trainer = Trainer(model=model, args=training_arguments(ctx, str(out_dir)),
+                      train_dataset=data["train"],
+                      eval_dataset=data["heldout"] if cfg["eval_steps"] else None,
+                      data_collator=counting(collator, meter), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # our callback logs instead of printing dicts
+    for hook in faults.trainer_hooks(trainer, ctx.run_dir, lambda: flag["stop"]):  # tests only
+        trainer.callback_handler.callbacks.insert(0, hook)
+    if cfg["eval_steps"]:
+        keep_training_layout(model)
+    if resume is not None and is_last_step(resume):
+        ctx.echo = echo
+        restore()
+        return reuse_last_checkpoint(ctx, trainer, resume, out_dir)
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full(out_dir, trainer.state.global_step, e) from e
+        raise
     finally:
+        progress.stop()
+        ctx.echo = echo
         restore()
     if flag["stop"]:
         ctx.log(f"train: interrupted at step {trainer.state.global_step}; checkpoint saved, "
                 "`recipe run` resumes")
         raise Interrupted("train")
+    if cfg["early_stopping_patience"] and trainer.state.global_step < trainer.state.max_steps:
+        ctx.log(f"train: stopped early at step {trainer.state.global_step}: the held-out loss did "
+                f"not improve for {cfg['early_stopping_patience']} evaluations "
+                f"(best {trainer.state.best_metric or float('nan'):.4f})")
     trainer.save_model(str(ctx.path("train/final")))
+    write_attempt(out_dir, {**(read_attempt(out_dir) or {}), "finished": True})
     history = trainer.state.log_history
     write_json_atomic(ctx.path("train/log_history.json"), history)
     losses = [h["loss"] for h in history if "loss" in h]
@@ -163,7 +303,8 @@ def run(ctx: Context) -> dict[str, Any]:
         "epochs": result.metrics.get("epoch"),
         "dataset_tokens": tokens,
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        "real_tokens_per_second": round(trainer.state.num_input_tokens_seen
+        **meter.summary(),
+        "average_tokens_per_second": round(trainer.state.num_input_tokens_seen
                                         / max(result.metrics.get("train_runtime") or 1e-9, 1e-9), 1),
     }
     ctx.log(f"train: {metrics['global_step']} steps, loss {metrics['first_logged_loss']} -> "

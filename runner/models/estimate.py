@@ -1,0 +1,693 @@
+"""`recipe plan --model`: the model side of a run from its config alone, no weights read.
+
+The model is built on the meta device from its config.json (for `builtin:tiny-glm` not built
+yet, from the recipe's [model.tiny] settings; for a ChatGLM3 checkpoint, from the native GLM
+config it converts to), LoRA targets are resolved and checked with the quantize-load stage's own
+functions, peft wraps the meta model to count the trainable parameters exactly, and the peak
+memory of a training step is estimated part by part:
+
+* weights: the linear layers bitsandbytes quantizes at 4 bits (packed, 2 per byte) plus one
+  absmax per 64-weight block (fp32; with double quantization 8 bits, and one fp32 constant per
+  256 blocks), or 8 bits plus an fp32 scale per row; every other parameter (embeddings, norms,
+  biases, lm_head) in fp32 when peft's upcast applies, else in the compute dtype;
+* LoRA parameters (fp32), their gradients, and the optimizer state: AdamW 8 bytes a parameter,
+  8-bit AdamW 2 bytes plus a per-256 fp32 absmax pair (tensors under 4,096 elements keep 32-bit
+  state), paged buffers (tensors of 100,000 elements or more, on a GPU) in unified memory, which
+  the GPU allocator does not count;
+* activations, for a LLaMA/GLM-style decoder layer, from the tensors autograd keeps: per token
+  and layer the two RMSNorm inputs (fp32) and outputs, q, k and v as attention sees them (k and
+  v repeated to every head when a padding mask keeps sdpa off its grouped-query path), the
+  attention output and its contiguous copy, the MLP's gate/up output, activation and product
+  (4 x intermediate), and per adapted module its rank-r LoRA output (plus the dropout output and
+  mask when lora_dropout > 0); eager attention adds the heads x length probabilities. With
+  gradient checkpointing only each layer's input is kept, plus one layer recomputed in backward.
+  The loss adds 3 fp32 copies of the logits (log-softmax output, its gradient and the gradient
+  it passes on), the largest transient of the step;
+* the largest de-quantized weight, which exists for the length of one matmul.
+
+Tokens per step come from the tokenize stage's state file (train.length: max for the peak, p50
+for a typical step) x per_device_train_batch_size, or tokenize.max_length when it has not run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.errors import RecipeError
+from runner.recipe import Recipe
+
+GiB = float(2**30)
+_PAGED_MIN = 100_000  # bitsandbytes pages state buffers from this many elements on (GPU only)
+_STATE8_MIN = 4096  # 8-bit optimizers keep 32-bit state for smaller tensors
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Precision:
+    device: str  # "cuda" or "cpu"
+    compute: str  # bnb_4bit_compute_dtype resolved: float32 / bfloat16 / float16
+    quantized: str  # "4bit", "8bit" or "none"
+    upcast: bool  # unquantized layers cast to fp32 (peft's prepare_model_for_kbit_training)
+    autocast: str | None  # "bf16" / "fp16" mixed precision in the trainer, or None
+
+    @property
+    def compute_bytes(self) -> int:
+        return _DTYPE_BYTES[self.compute]
+
+    @property
+    def activation_bytes(self) -> int:
+        """dtype of the residual stream: fp32 when the upcast embeddings feed it."""
+        return 4 if self.quantized != "none" and self.upcast else self.compute_bytes
+
+    @property
+    def unquantized_bytes(self) -> int:
+        return 4 if self.quantized != "none" and self.upcast else self.compute_bytes
+
+
+@dataclass
+class Tokens:
+    batch: int
+    peak_length: int
+    typical_length: int
+    source: str  # where the lengths came from, for the report
+    padding_mask: bool  # a padded batch: sdpa runs without its grouped-query path
+
+
+@dataclass
+class Memory:
+    weights: int
+    weights_detail: str
+    lora: int
+    gradients: int
+    optimizer: int
+    optimizer_paged: int  # part of `optimizer` in unified memory (not on the GPU heap)
+    autocast_copies: int
+    dequant_transient: int
+    activations: dict[str, int]  # "checkpointing" / "no_checkpointing" at the peak length
+    activations_typical: dict[str, int]
+
+    def peak(self, checkpointing: bool, typical: bool = False, device_heap: bool = False) -> int:
+        acts = self.activations_typical if typical else self.activations
+        key = "checkpointing" if checkpointing else "no_checkpointing"
+        fixed = (
+            self.weights
+            + self.lora
+            + self.gradients
+            + self.optimizer
+            + self.autocast_copies
+            + self.dequant_transient
+        )
+        return fixed + acts[key] - (self.optimizer_paged if device_heap else 0)
+
+
+@dataclass
+class ModelPlan:
+    model_type: str
+    naming: str  # "chatglm" when the checkpoint is ChatGLM3 (converted), else "native"
+    config_source: str
+    layers: int
+    hidden: int
+    vocab: int
+    targets: list[str]  # native module names
+    targets_as_written: list[str]  # in the recipe's naming (ChatGLM3 names for ChatGLM3)
+    modules_to_save: list[str] | None
+    adapted_modules: int
+    trainable: int
+    all_params: int
+    precision: Precision
+    tokens: Tokens
+    checkpointing: bool
+    optim: str
+    memory: Memory
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+class _TinyVocab:
+    """What tiny.build_config reads from a tokenizer, before the tokenizer exists."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = 0, 1, 2  # tiny.SPECIAL_TOKENS
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def model_config(recipe: Recipe) -> tuple[Any, str, str]:
+    """(transformers config, naming, where it came from), reading config.json only."""
+    from transformers import AutoConfig
+
+    from runner.models import resolve
+    from runner.models.chatglm import chatglm_config_to_glm
+
+    ident = resolve.model_identity(recipe)
+    remote = bool(recipe.get("model.trust_remote_code"))
+    if ident["kind"] == "builtin":
+        folder = resolve.builtin_folder(ident)
+        if (folder / "config.json").is_file():
+            return AutoConfig.from_pretrained(folder), "native", f"{folder}/config.json"
+        from runner.models.tiny import build_config
+
+        tiny = recipe.get("model.tiny")
+        config = build_config(
+            _TinyVocab(tiny["vocab_size"]),  # type: ignore[arg-type]
+            hidden_size=tiny["hidden_size"],
+            intermediate_size=tiny["intermediate_size"],
+            num_layers=tiny["num_layers"],
+            num_heads=tiny["num_heads"],
+            num_kv_heads=tiny["num_kv_heads"],
+            max_position_embeddings=1024,
+        )
+        return (
+            config,
+            "native",
+            (
+                "[model.tiny] settings (not built yet: the vocabulary is "
+                f"vocab_size {tiny['vocab_size']}; the trained tokenizer may have fewer)"
+            ),
+        )
+    if ident["kind"] == "local":
+        folder = recipe.resolve(recipe.get("model.name_or_path"))
+        config_file = folder / "config.json"
+    else:
+        converted = resolve.converted_folder(ident)
+        if (converted / "config.json").is_file():
+            return AutoConfig.from_pretrained(converted), "chatglm", f"{converted}/config.json"
+        config_file = _hub_config(recipe, ident)
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RecipeError(
+            f"{recipe.origin('model.name_or_path')}: $.model.name_or_path: cannot read "
+            f"{config_file}: {e}"
+        ) from None
+    if resolve.is_chatglm_folder(config_file.parent) and not recipe.get("model.random_init"):
+        return chatglm_config_to_glm(raw), "chatglm", f"{config_file} (ChatGLM3, as native GLM)"
+    return (
+        AutoConfig.from_pretrained(config_file.parent, trust_remote_code=remote),
+        "native",
+        str(config_file),
+    )
+
+
+def _hub_config(recipe: Recipe, ident: dict[str, Any]) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(ident["id"], "config.json", revision=ident["revision"]))
+    except Exception as e:  # offline, unknown repo, auth
+        raise RecipeError(
+            f"{recipe.origin('model.name_or_path')}: $.model.name_or_path: cannot fetch "
+            f"config.json of {ident['id']!r} (revision {ident['revision']}): "
+            f"{type(e).__name__}; without network, set name_or_path to a local folder holding "
+            "its config.json"
+        ) from None
+
+
+def meta_model(recipe: Recipe, config: Any, dtype: Any) -> Any:
+    """The model on the meta device: shapes and names, no memory, no weights read."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config,
+            dtype=dtype,
+            trust_remote_code=bool(recipe.get("model.trust_remote_code")),
+            attn_implementation=recipe.get("model.attn_implementation"),
+        )
+
+
+# ----------------------------------------------------------------------------- precision, tokens
+
+
+def precision_for(recipe: Recipe, cuda: bool, bf16_ok: bool) -> Precision:
+    q = recipe.section("quantization")
+    quantized = "4bit" if q["load_in_4bit"] else "8bit" if q["load_in_8bit"] else "none"
+    compute = q["bnb_4bit_compute_dtype"]
+    if compute == "auto":
+        compute = ("bfloat16" if bf16_ok else "float16") if cuda else "float32"
+    upcast_setting = q.get("upcast_to_fp32", True)
+    upcast = compute != "bfloat16" if upcast_setting == "auto" else bool(upcast_setting)
+    train = recipe.section("train")
+    bf16 = train["bf16"]
+    if bf16 == "auto":
+        bf16 = cuda and bf16_ok
+    autocast = "bf16" if bf16 else "fp16" if train["fp16"] else None
+    return Precision("cuda" if cuda else "cpu", compute, quantized, upcast, autocast)
+
+
+def tokens_for(recipe: Recipe, cuda: bool) -> Tokens:
+    """Tokens per training step from the tokenize stage's measured lengths."""
+    batch = int(recipe.get("train.per_device_train_batch_size"))
+    train = recipe.section("train")
+    max_length = int(recipe.get("tokenize.max_length"))
+    lengths: dict[str, Any] = {}
+    try:
+        state = json.loads((recipe.run_dir / "state" / "tokenize.json").read_text(encoding="utf-8"))
+        lengths = ((state.get("metrics") or {}).get("train") or {}).get("length") or {}
+    except (OSError, ValueError, AttributeError):
+        lengths = {}
+    if lengths.get("max"):
+        peak, typical = int(lengths["max"]), int(lengths.get("p50") or lengths["max"])
+        source = f"tokenize's measured lengths (p50 {typical}, max {peak})"
+    else:
+        peak = typical = max_length
+        source = f"tokenize has not run: every row assumed tokenize.max_length = {max_length} long"
+    if train.get("padding") == "max_length":
+        peak = typical = max_length
+        source += f"; padded to max_length {max_length}"
+    if train.get("packing"):  # one row of the batch's examples: batch x mean tokens typically
+        mean = round(lengths.get("mean") or typical)
+        return Tokens(1, batch * peak, batch * mean, source + "; packed", padding_mask=False)
+    if cuda:  # the collator pads to a multiple of 8 on a GPU
+        peak, typical = (8 * math.ceil(x / 8) for x in (peak, typical))
+    return Tokens(batch, peak, typical, source, padding_mask=batch > 1)
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+def quantized_weight_bytes(numel: int, out_features: int, recipe: Recipe, quantized: str) -> int:
+    if quantized == "8bit":
+        return numel + 4 * out_features  # int8 + an fp32 scale per row
+    blocks = math.ceil(numel / 64)
+    packed = math.ceil(numel / 2)
+    if recipe.get("quantization.bnb_4bit_use_double_quant"):
+        return packed + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 64  # + nested code table
+    return packed + 4 * blocks + 64  # + the 16-entry code table
+
+
+def optimizer_bytes(optim: str, numel: int, shape: tuple[int, ...], cuda: bool) -> tuple[int, int]:
+    """(state bytes, of which paged) for one fp32 trainable tensor."""
+    paged = optim.startswith("paged_") and cuda and numel >= _PAGED_MIN
+    if optim in ("adamw_8bit", "paged_adamw_8bit"):
+        if numel < _STATE8_MIN:
+            size = 8 * numel
+            paged = False
+        else:
+            size = 2 * numel + 2 * 4 * math.ceil(numel / 256)
+    elif optim == "sgd":
+        size, paged = 0, False
+    elif optim == "adafactor":
+        size = 4 * (shape[0] + shape[1]) if len(shape) == 2 else 4 * numel
+        paged = False
+    else:  # adamw_torch, adamw_torch_fused, paged_adamw_32bit
+        size = 8 * numel
+    return size, size if paged else 0
+
+
+# Which tensor feeds a linear layer of a LLaMA/GLM-style block: layers fed by the same tensor
+# share one saved copy of it (an unknown name counts as its own input).
+_FED_BY = {
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "qkv_proj": "attn_in",
+    "query_key_value": "attn_in",
+    "Wqkv": "attn_in",
+    "c_attn": "attn_in",
+    "o_proj": "attn_out",
+    "dense": "attn_out",
+    "out_proj": "attn_out",
+    "gate_up_proj": "mlp_in",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+    "w1": "mlp_in",
+    "w3": "mlp_in",
+    "dense_h_to_4h": "mlp_in",
+    "fc1": "mlp_in",
+    "c_fc": "mlp_in",
+    "down_proj": "mlp_mid",
+    "w2": "mlp_mid",
+    "dense_4h_to_h": "mlp_mid",
+    "fc2": "mlp_mid",
+}
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """A LoRA-adapted linear layer in a decoder block."""
+
+    layer: str  # the block's module path
+    leaf: str
+    in_features: int
+    out_features: int
+
+    @property
+    def input_key(self) -> tuple[str, str]:
+        return self.layer, _FED_BY.get(self.leaf, self.leaf)
+
+
+def activation_bytes(
+    config: Any,
+    adapted: list[Adapted],
+    eight_bit_inputs: list[int],
+    precision: Precision,
+    tokens: int,
+    length: int,
+    padding_mask: bool,
+    attn: str,
+    lora_r: int,
+    lora_dropout: float,
+    use_dora: bool,
+) -> dict[str, int]:
+    """Peak activation bytes of one step, with and without gradient checkpointing.
+
+    `adapted`: every LoRA-adapted linear in the decoder blocks; `eight_bit_inputs`: in_features
+    of every 8-bit linear there. What autograd keeps: a frozen 4-bit (or plain frozen) linear
+    keeps no input (its backward needs only the weight); an 8-bit one keeps an fp16 copy; a
+    LoRA keeps its A input (the layer's input itself, shared by the layers it feeds, or with
+    lora_dropout > 0 the dropout output and mask per layer; a half-precision copy per layer
+    under autocast with an fp32 stream) and its rank-r A output.
+    """
+    layers = int(config.num_hidden_layers)
+    h = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or h // heads)
+    inter = int(getattr(config, "intermediate_size", None) or 4 * h)
+    vocab = int(config.vocab_size)
+    a = precision.activation_bytes
+    half = 2 if precision.autocast else a  # what autocast'ed matmuls produce
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+
+    norms = 2 * 4 * h  # each RMSNorm keeps its input in fp32
+    if attn == "eager" or (padding_mask and attn == "sdpa" and kv_heads != heads):
+        qkv = 3 * q_dim * a  # k and v repeated to every head
+    else:
+        qkv = (q_dim + 2 * kv_dim) * a
+    probs = heads * length * (4 + a) if attn == "eager" else 0
+    attn_out = q_dim * a  # kept by the attention kernel's backward
+    mlp = 3 * inter * a  # gate/up output (activation and product read it) + the activation
+    per_layer = norms + qkv + probs + attn_out + mlp
+    lora = 0
+    shared: dict[tuple[str, str], int] = {}
+    for m in adapted:
+        lora += lora_r * half + (m.out_features * a if use_dora else 0)
+        if precision.autocast and a == 4:
+            lora += m.in_features * (2 + (1 if lora_dropout > 0 else 0))
+        elif lora_dropout > 0:
+            lora += m.in_features * (a + 1)  # dropout output + its mask
+        else:
+            shared[m.input_key] = m.in_features * a
+    lora += sum(shared.values()) + sum(2 * fin for fin in eight_bit_inputs)
+    layer_total = layers * per_layer + lora
+    one_layer = layer_total / max(layers, 1)
+    outside = 4 * h + a * h  # final norm: fp32 input; its output feeds lm_head
+    logits = vocab * (12 + (a if a != 4 else 0))  # log-softmax output, its grad, the grad it passes
+    mask = length if padding_mask else 0  # bool (batch, 1, length, length) mask, per token
+    layer_backward = (2 * inter + 2 * h) * a  # gradients of one layer's widest tensors
+    no_ckpt = layer_total + outside + logits + mask
+    ckpt = layers * h * a + outside + mask + max(logits, one_layer + layer_backward)
+    return {"no_checkpointing": int(tokens * no_ckpt), "checkpointing": int(tokens * ckpt)}
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def plan_model(
+    recipe: Recipe,
+    *,
+    cuda: bool | None = None,
+    bf16_ok: bool | None = None,
+    tokens: Tokens | None = None,
+) -> ModelPlan:
+    """Everything `recipe plan --model` prints, from the config alone. `cuda`/`bf16_ok` default
+    to this machine's hardware; `tokens` to the tokenize stage's measured lengths."""
+    import torch
+    from peft import get_peft_model
+
+    from runner.models import load
+
+    if cuda is None or bf16_ok is None:
+        cuda, bf16_ok = load.hardware()
+    problems = load.precision_problems(recipe, cuda, bf16_ok)
+    if problems:
+        raise RecipeError(problems)
+    precision = precision_for(recipe, cuda, bf16_ok)
+    tokens = tokens or tokens_for(recipe, cuda)
+    config, naming, source = model_config(recipe)
+    dtype = torch.float32 if precision.unquantized_bytes == 4 else getattr(torch, precision.compute)
+    model = meta_model(recipe, config, dtype)
+    targets = load.resolve_targets(recipe, model, naming)
+    modules_to_save = load.resolve_modules_to_save(recipe, model, naming)
+    load.check_layers(recipe, model)
+    notes: list[str] = []
+    if not cuda and (problem := load.cpu_4bit_problem(recipe, model)):
+        raise RecipeError(problem)
+
+    quantized = {}
+    if precision.quantized != "none":
+        quantized = {name: (fin, fout) for name, fin, fout in load.quantized_linears(model)}
+    q_bytes = other_bytes = q_params = other_params = 0
+    for name, p in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if module in quantized and name.endswith(".weight"):
+            q_params += p.numel()
+            q_bytes += quantized_weight_bytes(
+                p.numel(), quantized[module][1], recipe, precision.quantized
+            )
+        else:
+            other_params += p.numel()
+            other_bytes += p.numel() * p.element_size()
+    all_params = q_params + other_params
+    fp32_linear = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n not in quantized and m.weight.dtype == torch.float32
+    )
+    max_dequant = max((fin * fout for fin, fout in quantized.values()), default=0)
+
+    peft_model = get_peft_model(model, load.lora_config(recipe, targets, modules_to_save))
+    lora_bytes = grad_bytes = opt_bytes = opt_paged = lora_fp32 = 0
+    optim = recipe.get("train.optim")
+    trainable = 0
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        trainable += p.numel()
+        size = p.numel() * p.element_size()
+        if "lora_" in name or ".modules_to_save." in name:
+            lora_bytes += size  # new tensors; a trained bias (lora.bias) is part of the weights
+            if p.dtype == torch.float32 and p.dim() == 2:
+                lora_fp32 += p.numel()
+        grad_bytes += size
+        state, paged = optimizer_bytes(optim, p.numel(), tuple(p.shape), cuda)
+        opt_bytes += state
+        opt_paged += paged
+    adapted = []
+    for name, m in peft_model.named_modules():
+        block, sep, _ = name.partition(".layers.")
+        if hasattr(m, "base_layer") and hasattr(m, "lora_A") and sep:
+            index = name[len(block) + len(sep) :].split(".")[0]
+            adapted.append(
+                Adapted(
+                    f"{block}.layers.{index}",
+                    name.rsplit(".", 1)[-1],
+                    int(m.base_layer.in_features),
+                    int(m.base_layer.out_features),
+                )
+            )
+    eight_bit_inputs = [
+        fin
+        for n, (fin, _) in quantized.items()
+        if ".layers." in n and precision.quantized == "8bit"
+    ]
+    autocast_copies = (fp32_linear + lora_fp32) * 2 if precision.autocast else 0
+
+    lora_cfg = recipe.section("lora")
+    attn = recipe.get("model.attn_implementation")
+
+    def acts(length: int) -> dict[str, int]:
+        return activation_bytes(
+            config,
+            adapted,
+            eight_bit_inputs,
+            precision,
+            tokens.batch * length,
+            length,
+            tokens.padding_mask,
+            attn,
+            int(lora_cfg["r"]),
+            float(lora_cfg["lora_dropout"]),
+            bool(lora_cfg["use_dora"]),
+        )
+
+    qdesc = {
+        "4bit": (
+            f"4-bit {recipe.get('quantization.bnb_4bit_quant_type')}"
+            + (" + double quant" if recipe.get("quantization.bnb_4bit_use_double_quant") else "")
+        ),
+        "8bit": "8-bit",
+        "none": "not quantized",
+    }[precision.quantized]
+    other_dtype = "fp32" if precision.unquantized_bytes == 4 else precision.compute
+    detail = (
+        f"{_count(q_params)} params {qdesc}: {_size(q_bytes)}; "
+        f"{_count(other_params)} in {other_dtype}: {_size(other_bytes)}"
+        if quantized
+        else f"{_count(all_params)} params in {other_dtype}"
+    )
+    memory = Memory(
+        weights=q_bytes + other_bytes,
+        weights_detail=detail,
+        lora=lora_bytes,
+        gradients=grad_bytes,
+        optimizer=opt_bytes,
+        optimizer_paged=opt_paged,
+        autocast_copies=autocast_copies,
+        dequant_transient=max_dequant * precision.compute_bytes,
+        activations=acts(tokens.peak_length),
+        activations_typical=acts(tokens.typical_length),
+    )
+    as_written = recipe.get("lora.target_modules")
+    if naming == "chatglm":
+        from runner.models.chatglm import CHATGLM_TO_GLM_TARGETS
+
+        # ChatGLM3's own names, in its layer order
+        written = [c for c, glm in CHATGLM_TO_GLM_TARGETS.items() if set(glm) & set(targets)]
+    else:
+        written = list(as_written) if isinstance(as_written, list) else targets
+    if model.config.model_type not in (
+        "glm",
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "phi3",
+    ):
+        notes.append(
+            f"activations use the LLaMA/GLM decoder formula; for {model.config.model_type} "
+            "they are a rough guide"
+        )
+    return ModelPlan(
+        model_type=str(model.config.model_type),
+        naming=naming,
+        config_source=source,
+        layers=int(config.num_hidden_layers),
+        hidden=int(config.hidden_size),
+        vocab=int(config.vocab_size),
+        targets=targets,
+        targets_as_written=written,
+        modules_to_save=modules_to_save,
+        adapted_modules=len(adapted),
+        trainable=trainable,
+        all_params=all_params,
+        precision=precision,
+        tokens=tokens,
+        checkpointing=bool(recipe.get("train.gradient_checkpointing")),
+        optim=optim,
+        memory=memory,
+        notes=notes,
+    )
+
+
+def _size(n: float) -> str:
+    """Bytes as GiB from 1 GiB up, else MiB (KiB under 0.1 MiB)."""
+    if n >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    if n >= 0.1 * 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def _gib(n: float) -> str:
+    """A right-aligned column of sizes."""
+    return f"{_size(n):>10}"
+
+
+def _count(n: int) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def format_model_plan(plan: ModelPlan) -> list[str]:
+    """The lines `recipe plan --model` prints."""
+    p, m, t = plan.precision, plan.memory, plan.tokens
+    kind = (
+        "ChatGLM3 checkpoint, trained as native GLM"
+        if plan.naming == "chatglm"
+        else plan.model_type
+    )
+    lines = [
+        f"model: {kind}: {plan.layers} layers, hidden {plan.hidden}, vocab {plan.vocab}, "
+        f"{plan.all_params:,} params (config from {plan.config_source}; no weights read)",
+    ]
+    if plan.naming == "chatglm":
+        lines.append(
+            f"LoRA targets: {', '.join(plan.targets_as_written)} (ChatGLM3 names) -> "
+            f"{', '.join(plan.targets)}; {plan.adapted_modules} modules adapted"
+        )
+    else:
+        lines.append(
+            f"LoRA targets: {', '.join(plan.targets)}; {plan.adapted_modules} modules adapted"
+        )
+    if plan.modules_to_save:
+        lines.append(f"fully trained (modules_to_save): {', '.join(plan.modules_to_save)}")
+    lines.append(
+        f"trainable params: {plan.trainable:,} of {plan.all_params + plan.trainable:,} "
+        f"({100 * plan.trainable / max(plan.all_params + plan.trainable, 1):.4f}%)"
+    )
+    mixed = f", {p.autocast} mixed precision" if p.autocast else ""
+    lines.append(
+        f"memory estimate ({p.device}, compute {p.compute}{mixed}, "
+        f"unquantized layers in {'fp32' if p.unquantized_bytes == 4 else p.compute}):"
+    )
+    lines.append(f"  weights          {_gib(m.weights)}  ({m.weights_detail})")
+    lines.append(f"  LoRA params      {_gib(m.lora)}")
+    lines.append(f"  gradients        {_gib(m.gradients)}")
+    paged = (
+        f"; {_size(m.optimizer_paged)} of it paged to unified memory" if m.optimizer_paged else ""
+    )
+    lines.append(f"  optimizer state  {_gib(m.optimizer)}  ({plan.optim}{paged})")
+    if m.autocast_copies:
+        lines.append(
+            f"  autocast copies  {_gib(m.autocast_copies)}  (half-precision copies of fp32 "
+            "linear weights, kept during forward)"
+        )
+    if m.dequant_transient:
+        lines.append(
+            f"  de-quantized     {_gib(m.dequant_transient)}  "
+            "(the largest weight, during one matmul)"
+        )
+    shape = f"{t.batch} x {t.peak_length} tokens"
+    lines.append(
+        f"  activations      {_gib(m.activations['checkpointing'])}  with gradient checkpointing; "
+        f"{_size(m.activations['no_checkpointing'])} without ({shape}; {t.source})"
+    )
+    on = plan.checkpointing
+    lines.append(
+        f"  peak             {_gib(m.peak(on))}  (gradient checkpointing "
+        f"{'on' if on else 'off'}, as the recipe says; "
+        f"{_size(m.peak(not on))} with it {'off' if on else 'on'})"
+    )
+    if t.typical_length != t.peak_length:
+        lines.append(
+            f"  typical step     {_gib(m.peak(on, typical=True))}  "
+            f"({t.batch} x {t.typical_length} tokens, the median length)"
+        )
+    if m.optimizer_paged:
+        lines.append(
+            f"  on the GPU heap  {_gib(m.peak(on, device_heap=True))}  "
+            "(torch.cuda.max_memory_allocated counts this; paged state is outside it)"
+        )
+    lines.extend(f"note: {n}" for n in plan.notes)
+    return lines

@@ -1,0 +1,251 @@
+"""`recipe lock` and `recipe run --locked`: pin what a recipe's result depends on besides the
+recipe itself, next to it in version control.
+
+RECIPE.lock (TOML) records the model (hub: the commit hash the revision resolved to; local folder
+or builtin: its identity hash from `model_identity`), the data set (hub: the commit; local: each
+file's sha256), the template files' sha256, and the versions of the libraries that change results
+(importlib.metadata, never an import of torch). All paths in it are relative to the recipe file,
+so a lock made in one clone checks out in another (except a local model folder's weight files,
+identified by size and mtime as in the fingerprints: a copied folder needs `recipe lock` again).
+
+Resolving a hub revision needs the network: without it `recipe lock` fails with one line that
+says so (a lock that pins nothing would be a false promise); a revision that already is a commit
+hash is recorded as is, without the network. `recipe run --locked` needs no network: it compares
+what it can see (files, identities, versions, the revisions the recipe asks for) with the lock,
+refuses with one line per drift, and runs hub models and data sets at the locked commits.
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from runner.errors import RecipeError
+from runner.recipe.model import Recipe, flatten
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+LOCK_VERSION = 1
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
+RUNNER = "recipe-runner"  # this project's distribution name
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def lock_path(recipe_file: Path) -> Path:
+    """recipes/adgen.toml -> recipes/adgen.toml.lock"""
+    return recipe_file.with_name(recipe_file.name + ".lock")
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def library_versions() -> dict[str, str]:
+    return {name: package_version(name) for name in (*LIBRARIES, RUNNER)}
+
+
+def hub_commit(kind: str, repo_id: str, revision: str) -> str:
+    """The commit hash `revision` (branch, tag or commit) of a hub model or data set names now."""
+    if COMMIT.match(revision):
+        return revision
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    info = (
+        api.model_info(repo_id, revision=revision)
+        if kind == "model"
+        else api.dataset_info(repo_id, revision=revision)
+    )
+    if not info.sha:
+        raise LookupError("the hub gave no commit hash")
+    return str(info.sha)
+
+
+def _commit(recipe: Recipe, kind: str, repo_id: str, revision: str) -> str:
+    key = f"{kind}.revision"
+    try:
+        return hub_commit(kind, repo_id, revision)
+    except Exception as e:  # offline, auth, missing repo or revision: one line
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise RecipeError(
+            f"{recipe.origin(key)}: $.{key}: cannot resolve {revision!r} of {kind} {repo_id} to a "
+            f"commit ({type(e).__name__}: {detail}); run `recipe lock` with network access, "
+            f"or set {key} to a commit hash"
+        ) from None
+
+
+def current_lock(recipe: Recipe, resolve_hub: bool) -> dict[str, Any]:
+    """What the lock records for `recipe` now; hub commits only when `resolve_hub`."""
+    from runner.data.sources import dataset_identity
+    from runner.data.templates import template_identity
+    from runner.models.resolve import model_identity
+    from runner.state import fingerprint
+
+    name = recipe.get("model.name_or_path")
+    ident = model_identity(recipe)
+    model: dict[str, Any] = {"name_or_path": name, "kind": ident["kind"]}
+    if ident["kind"] == "hub":
+        model["revision"] = ident["revision"]
+        if resolve_hub:
+            model["commit"] = _commit(recipe, "model", name, ident["revision"])
+    else:
+        model["identity"] = fingerprint(ident)
+        model["details"] = flatten({k: v for k, v in ident.items() if k != "kind"})
+    ds = dataset_identity(recipe)
+    dataset: dict[str, Any] = {"path": recipe.get("dataset.path")}
+    if "hub" in ds:
+        dataset.update(kind="hub", revision=ds["revision"])
+        if ds["name"] is not None:
+            dataset["name"] = ds["name"]
+        if resolve_hub:
+            dataset["commit"] = _commit(recipe, "dataset", ds["hub"], ds["revision"])
+    else:
+        dataset.update(kind="local", files=ds["files"])
+    return {
+        "lock_version": LOCK_VERSION,
+        "recipe": recipe.path.name,
+        "model": model,
+        "dataset": dataset,
+        "templates": template_identity(recipe),
+        "libraries": library_versions(),
+    }
+
+
+def write_lock(recipe: Recipe, recipe_file: Path) -> Path:
+    """Write RECIPE.lock next to the recipe file (atomically); return its path."""
+    import tomli_w
+
+    lock = current_lock(recipe, resolve_hub=True)
+    path = lock_path(recipe_file)
+    text = (
+        f"# The lock of {recipe_file.name}, written by `recipe lock`; commit it with the recipe.\n"
+        "# `recipe run --locked` refuses to run when anything here drifts, and runs hub models\n"
+        "# and data sets at the commits below. Re-run `recipe lock` to accept a change.\n\n"
+        + tomli_w.dumps(lock)
+    )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_lock(recipe_file: Path) -> dict[str, Any]:
+    path = lock_path(recipe_file)
+    relock = f"create it with `recipe lock {recipe_file}`"
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no lock file; {relock}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read: {e}; {relock}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: invalid TOML: {str(e).splitlines()[0]}; {relock}") from None
+    if data.get("lock_version") != LOCK_VERSION:
+        raise RecipeError(
+            f"{path}: lock_version {data.get('lock_version')!r}, this runner reads "
+            f"{LOCK_VERSION}; {relock}"
+        )
+    for table in ("model", "dataset", "templates", "libraries"):
+        if not isinstance(data.get(table), dict):
+            raise RecipeError(f"{path}: [{table}] missing; {relock}")
+    return data
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "absent"
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{40,64}", value):
+        return value[:12]
+    return str(value)
+
+
+def check_lock(recipe: Recipe, recipe_file: Path) -> tuple[list[str], list[str]]:
+    """(drifts, pins): one message per thing that differs from RECIPE.lock, and the --set
+    overrides that make hub models and data sets run at the locked commits."""
+    lock = read_lock(recipe_file)
+    now = current_lock(recipe, resolve_hub=False)
+    where = lock_path(recipe_file)
+    relock = f"run `recipe lock {recipe_file}` to accept it"
+    drifts: list[str] = []
+    pins: list[str] = []
+
+    def drift(key: str, old: Any, new: Any, fix: str = f"restore it or {relock}") -> None:
+        drifts.append(f"{where}: {key}: locked {_show(old)}, now {_show(new)}; {fix}")
+
+    def compare(prefix: str, old: dict[str, Any], new: dict[str, Any], fmt: str) -> None:
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                drift(fmt.format(prefix=prefix, key=key), old.get(key), new.get(key))
+
+    def hub(section: str) -> None:
+        old, new = lock[section], now[section]
+        if new["revision"] == old.get("revision"):
+            if old.get("commit"):
+                pins.append(f"{section}.revision={old['commit']}")
+        elif new["revision"] != old.get("commit"):
+            drift(f"{section}.revision", old.get("revision"), new["revision"])
+        if section == "dataset" and old.get("name") != new.get("name"):
+            drift("dataset.name", old.get("name"), new.get("name"))
+
+    old_model, new_model = lock["model"], now["model"]
+    if old_model.get("name_or_path") != new_model["name_or_path"]:
+        drift("model.name_or_path", old_model.get("name_or_path"), new_model["name_or_path"])
+    elif old_model.get("kind") != new_model["kind"]:
+        drift("model.kind", old_model.get("kind"), new_model["kind"])
+    elif new_model["kind"] == "hub":
+        hub("model")
+    elif old_model.get("identity") != new_model["identity"]:
+        before = len(drifts)
+        compare("model", old_model.get("details") or {}, new_model["details"], "{prefix}.{key}")
+        if len(drifts) == before:
+            drift("model.identity", old_model.get("identity"), new_model["identity"])
+
+    old_ds, new_ds = lock["dataset"], now["dataset"]
+    if old_ds.get("path") != new_ds["path"]:
+        drift("dataset.path", old_ds.get("path"), new_ds["path"])
+    elif old_ds.get("kind") != new_ds["kind"]:
+        drift("dataset.kind", old_ds.get("kind"), new_ds["kind"])
+    elif new_ds["kind"] == "hub":
+        hub("dataset")
+    else:
+        compare("dataset.files", old_ds.get("files") or {}, new_ds["files"], '{prefix}["{key}"]')
+    compare("templates", lock["templates"], now["templates"], '{prefix}["{key}"]')
+
+    for name in sorted(set(lock["libraries"]) | set(now["libraries"])):
+        old, new = lock["libraries"].get(name), now["libraries"].get(name)
+        if old != new:
+            fix = relock
+            if old not in (None, "not installed"):
+                fix = f"pip install {name}=={old}, or {relock}"
+            drift(f"libraries.{name}", old, new, fix)
+    return drifts, pins
+
+
+def apply_lock(recipe: Recipe, recipe_file: Path) -> Recipe:
+    """`recipe` checked against RECIPE.lock and pinned to its hub commits; RecipeError (one line
+    per drift) when anything drifted."""
+    drifts, pins = check_lock(recipe, recipe_file)
+    if drifts:
+        raise RecipeError(drifts)
+    if not pins:
+        return recipe
+    from runner.recipe.load import load_recipe
+
+    return load_recipe(recipe_file, (*recipe.overrides, *pins))

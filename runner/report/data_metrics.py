@@ -1,0 +1,51 @@
+"""The format and tokenize stages' metrics as lines a person reads (`recipe status`). No torch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner.data.lint import format_warnings, tokenize_warnings
+
+
+def _length(length: dict[str, float]) -> str:
+    if not length:
+        return "no rows"
+    keys = ("min", "p50", "p90", "p99", "max")
+    return " ".join(f"{k} {length[k]:,.0f}" for k in keys if k in length)
+
+
+def format_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = [
+        f"rows: {metrics.get('train_rows', 0):,} train, {metrics.get('heldout_rows', 0):,} "
+        f"held out; {metrics.get('dropped_empty', 0):,} dropped for an empty prompt or "
+        "response"
+    ]
+    return lines + [f"warning: {w}" for w in format_warnings(metrics)]
+
+
+def tokenize_lines(metrics: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    lines = []
+    for split in ("train", "heldout"):
+        m = metrics.get(split)
+        if not isinstance(m, dict) or "rows" not in m:
+            continue
+        lines.append(
+            f"{split}: {m['rows']:,} rows, {m.get('tokens', 0):,} tokens "
+            f"({m.get('trained_tokens', 0):,} trained); "
+            f"truncated {m.get('truncated', 0):,}, dropped {m.get('dropped', 0):,}; "
+            f"length {_length(m.get('length') or {})}"
+        )
+    cfg = {
+        "max_length": params.get("tokenize.max_length", "?"),
+        "truncation": params.get("tokenize.truncation", "cut_prompt"),
+    }
+    return lines + [f"warning: {w}" for w in tokenize_warnings(metrics, cfg)]
+
+
+def metric_lines(stage: str, metrics: dict[str, Any], params: dict[str, Any]) -> list[str] | None:
+    """Readable lines for the data stages; None for the others (shown as JSON)."""
+    if stage == "format" and "train_rows" in metrics:
+        return format_lines(metrics)
+    if stage == "tokenize" and isinstance(metrics.get("train"), dict):
+        return tokenize_lines(metrics, params)
+    return None

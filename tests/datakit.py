@@ -1,0 +1,123 @@
+"""Helpers for the data-stage tests: recipes, data files and tiny tokenizers written in tmp_path.
+
+The tokenizers are trained in a few hundred milliseconds with the `tokenizers` library and saved
+as a local "model" folder (tokenizer files only), which is all format and tokenize need.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+CHATGLM3 = (
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "sop",
+    "eop",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+)
+IM_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    f"question {i} answer {i} hello world Q: A: the quick brown fox {i * 7}" for i in range(40)
+]
+
+
+def make_tokenizer(
+    folder: Path | None = None,
+    *,
+    padding_side: str = "right",
+    bos: bool = True,
+    pad_is_eos: bool = False,
+    chatglm3: bool = False,
+    chat_template: str | None = None,
+) -> Any:
+    """A byte-level BPE tokenizer (any text round-trips); saved to `folder` when given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    extra = (
+        list(CHATGLM3) if chatglm3 else (["<|im_start|>", "<|im_end|>"] if chat_template else [])
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=[PAD, BOS, EOS, UNK, *extra],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    if chatglm3:  # like ChatGLM3: plain text starts with [gMASK] sop
+        tok.post_processor = processors.TemplateProcessing(
+            single="[gMASK] sop $A",
+            special_tokens=[
+                ("[gMASK]", tok.token_to_id("[gMASK]")),
+                ("sop", tok.token_to_id("sop")),
+            ],
+        )
+    elif bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))]
+        )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=EOS if pad_is_eos else PAD,
+        padding_side=padding_side,
+        chat_template=chat_template,
+    )
+    if folder is not None:
+        hf.save_pretrained(folder)
+    return hf
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
+    return path
+
+
+def qa_rows(n: int, start: int = 0) -> list[dict[str, Any]]:
+    return [{"q": f"question {i}", "a": f"answer {i}"} for i in range(start, start + n)]
+
+
+def write_recipe(folder: Path, tokenizer: bool = True, **tables: dict[str, Any]) -> Path:
+    """A recipe in `folder` with a local tokenizer folder `tok` as the model (built once per
+    folder unless `tokenizer` is false), data in `data/` (train 16 rows, dev 4 rows unless already
+    there) and a run dir in `run`; `tables` override or add keys, table by table (None removes)."""
+    import tomli_w
+
+    if tokenizer and not (folder / "tok").is_dir():
+        make_tokenizer(folder / "tok")
+    if not (folder / "data").exists():
+        write_jsonl(folder / "data" / "train.jsonl", qa_rows(16))
+        write_jsonl(folder / "data" / "dev.jsonl", qa_rows(4, start=100))
+    recipe: dict[str, dict[str, Any]] = {
+        "recipe": {"name": "data-test", "seed": 1, "output_dir": str(folder / "run")},
+        "model": {"name_or_path": "tok"},
+        "dataset": {"path": "data", "heldout_split": "dev"},
+        "template": {"prompt": "Q: {{ q }}\nA: ", "response": "{{ a }}"},
+        "tokenize": {"max_length": 64},
+    }
+    for name, keys in tables.items():
+        table = recipe.setdefault(name, {})
+        table.update(keys)
+        for key in [k for k, v in table.items() if v is None]:
+            del table[key]
+    path = folder / "recipe.toml"
+    path.write_text(tomli_w.dumps(recipe), encoding="utf-8")
+    return path

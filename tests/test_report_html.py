@@ -1,0 +1,167 @@
+"""report.html from hand-made rows: self-contained, escaped, with the loss curve and metrics;
+and, where Chromium is installed, a screenshot of it."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.recipe import load_recipe
+from runner.report.html import loss_points, recipe_summary, render
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSTILE = '<script>alert("x")</script> & <img src=x onerror=alert(1)>'
+
+HISTORY = [
+    {"step": 10, "loss": 2.5, "learning_rate": 1e-3},
+    {"step": 20, "loss": 1.5, "learning_rate": 9e-4},
+    {"step": 20, "eval_loss": 1.9},
+    {"step": 30, "loss": 1.0},
+    {"train_runtime": 12.0, "step": 30, "train_loss": 1.6},  # the summary entry has no "loss"
+]
+SUMMARY = {
+    "before": {"bleu-4": 3.0, "rouge-1": 10.0, "rouge-2": 1.0, "rouge-l": 8.0},
+    "after": {"bleu-4": 20.5, "rouge-1": 30.0, "rouge-2": 12.0, "rouge-l": 5.0},
+    "scored_examples": 1,
+    "segmentation": "jieba",
+    "heldout_loss": {"before": 3.5, "after": 1.25, "before_ppl": 33.12, "after_ppl": 3.49},
+}
+
+
+def rows() -> list[dict[str, Any]]:
+    return [
+        {
+            "index": 0,
+            "prompt": f"用户: {HOSTILE}\n广告: ",
+            "reference": "参考 <b>bold</b>",
+            "before": HOSTILE,
+            "after": "红色 & 蓝色",
+            "before_scores": SUMMARY["before"],
+            "after_scores": SUMMARY["after"],
+        },
+        {
+            "index": 1,
+            "prompt": "an extra prompt",
+            "reference": None,
+            "before": "old",
+            "after": "new",
+        },
+    ]
+
+
+def page(history: list[dict[str, Any]] = HISTORY, title: str = "demo <run>") -> str:
+    return render(
+        title=title,
+        summary_pairs=[("recipe", "demo & co")],
+        rows=rows(),
+        summary=SUMMARY,
+        history=history,
+        resolved_toml='name = "<toml>"',
+        train_metrics={"global_step": 30, "train_loss": 1.6},
+    )
+
+
+def test_every_text_from_data_is_escaped() -> None:
+    html = page()
+    assert "<script" not in html and "onerror=alert(1)>" not in html
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &lt;img" in html
+    assert "参考 &lt;b&gt;bold&lt;/b&gt;" in html
+    assert "红色 &amp; 蓝色" in html
+    assert "<title>demo &lt;run&gt;</title>" in html
+    assert "demo &amp; co" in html and "name = &quot;&lt;toml&gt;&quot;" in html
+
+
+def test_the_page_is_self_contained() -> None:
+    html = page()
+    assert "default-src 'none'; img-src data:" in html  # no scripts, no fetches
+    assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", html)
+
+
+def test_loss_curve_is_an_embedded_png_of_train_and_eval_loss() -> None:
+    assert loss_points(HISTORY) == {
+        "train": [(10.0, 2.5), (20.0, 1.5), (30.0, 1.0)],
+        "eval": [(20.0, 1.9)],
+    }
+    found = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page())
+    assert found, "no embedded PNG"
+    png = base64.b64decode(found.group(1))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (990, 396)  # 9 x 3.6 inches at 110 dpi
+
+
+def test_no_history_says_so_instead_of_a_curve() -> None:
+    html = page(history=[])
+    assert "data:image/png" not in html
+    assert "No loss was logged (train/log_history.json missing or empty)." in html
+
+
+def test_metrics_table_marks_what_got_better_and_worse() -> None:
+    html = page()
+    assert (
+        '<tr><td>BLEU-4</td><td class="num">3</td><td class="num better">20.5</td>'
+        '<td class="num">+17.50</td></tr>'
+    ) in html
+    assert (
+        '<tr><td>ROUGE-L</td><td class="num">8</td><td class="num worse">5</td>'
+        '<td class="num">-3.00</td></tr>'
+    ) in html
+    # loss and perplexity: lower is better
+    assert (
+        '<tr><td>held-out loss</td><td class="num">3.5</td><td class="num better">1.25</td>'
+        '<td class="num">-2.25</td></tr>'
+    ) in html
+    assert "1 scored example; ROUGE on jieba words, BLEU-4 on characters" in html
+
+
+def test_examples_side_by_side_with_their_scores() -> None:
+    html = page()
+    assert html.count("<tr><td>") - 6 == 2  # 6 metric rows, 2 example rows
+    assert "(extra prompt, no reference)" in html
+    assert "bleu-4 20.5 · rouge-1 30 · rouge-2 12 · rouge-l 5" in html
+
+
+def test_recipe_summary_of_the_tiny_demo() -> None:
+    pairs = dict(recipe_summary(load_recipe(ROOT / "recipes" / "adgen-tiny.toml").data))
+    assert pairs["model"] == "builtin:tiny-glm"
+    assert pairs["quantization"] == "4-bit nf4, double quant, compute float32"
+    assert pairs["LoRA"] == "r 8, alpha 32, dropout 0, targets all-linear"
+    assert pairs["compare"] == "4 held-out examples, 0 extra prompts, greedy, max_new_tokens 100"
+
+
+def _screenshot_module() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "screenshot_report", ROOT / "scripts" / "screenshot_report.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_screenshot_of_the_report(tmp_path: Path) -> None:
+    shot = _screenshot_module()
+    if shot.find_browser() is None:
+        pytest.skip("no Chromium (apt-get install -y chromium)")
+    report = tmp_path / "report.html"
+    report.write_text(page(), encoding="utf-8")
+    png = shot.screenshot(report, tmp_path / "report.png", width=800, height=1200)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", data[16:24]) == (800, 1200)
+
+
+def test_screenshot_script_reports_a_missing_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shot = _screenshot_module()
+    if shot.find_browser() is None:
+        pytest.skip("no Chromium (apt-get install -y chromium)")
+    assert shot.main([str(tmp_path / "nope.html"), "--out", str(tmp_path / "x.png")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope.html'}: not found\n"
