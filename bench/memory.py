@@ -10,6 +10,9 @@ then runs quantize-load and train in a fresh process and measures the peak resid
 above what that process held once its libraries were imported (the kernel's high-water mark,
 reset just before loading). The default runs the recipe's own max_steps (120 steps of 16 rows:
 about one epoch, so the longest row is almost surely in some batch, as the estimate assumes).
+The measuring process runs with MALLOC_MMAP_THRESHOLD_=131072 so that freed tensors go back to
+the system and RSS follows the live tensors; glibc's default keeps freed activation memory in
+its heap (RSS up to ~2x the live peak here); --glibc-default measures that instead.
 
 GPU (one command, local files only): builds GLM-6B (THUDM/chatglm3-6b's config in transformers'
 native GLM terms) on the meta device, materializes it with random bf16 weights on the GPU and
@@ -146,6 +149,11 @@ def cpu(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides)
     plan = plan_model(recipe, cuda=False, bf16_ok=False)
     print("\n".join(format_model_plan(plan)))
+    # glibc's malloc raises its mmap threshold as large blocks are freed, then serves activations
+    # from its heap and keeps the freed memory: RSS then overstates what is live, by up to ~2x
+    # here. A fixed threshold returns freed tensors at once, so RSS follows the live tensors,
+    # which is what the estimate counts. --glibc-default measures without it.
+    child_env = dict(env) if args.glibc_default else dict(env, MALLOC_MMAP_THRESHOLD_="131072")
     child = subprocess.run(
         [
             sys.executable,
@@ -155,7 +163,7 @@ def cpu(args: argparse.Namespace) -> int:
             *(a for o in overrides for a in ("--set", o)),
         ],
         cwd=ROOT,
-        env=env,
+        env=child_env,
         capture_output=True,
         text=True,
     )
@@ -164,10 +172,11 @@ def cpu(args: argparse.Namespace) -> int:
         return 1
     result = json.loads(child.stdout.strip().splitlines()[-1])
     estimate = plan.memory.peak(plan.checkpointing)
+    malloc = "glibc default" if args.glibc_default else "MALLOC_MMAP_THRESHOLD_=131072"
     print(
         f"\nCPU, {recipe.name}: {result['steps']} steps, batch {plan.tokens.batch}, longest row "
         f"{plan.tokens.peak_length} tokens; measured = peak RSS of quantize-load + train above "
-        f"the {fmt(result['baseline'])} held after imports ({result['method']})"
+        f"the {fmt(result['baseline'])} held after imports ({result['method']}; {malloc})"
     )
     print(compare_line(recipe.name, estimate, result["increase"]))
     return 0
@@ -402,6 +411,11 @@ def main() -> int:
         "--configs", default="", help=f"GPU: comma-separated, of {', '.join(GPU_CONFIGS)}"
     )
     p.add_argument("--work", default="", help="working folder (default: a new temp folder)")
+    p.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="CPU: measure with glibc's default malloc (RSS keeps freed activation memory)",
+    )
     p.add_argument("--child-cpu", default="", help=argparse.SUPPRESS)
     p.add_argument("--child-gpu", default="", help=argparse.SUPPRESS)
     args = p.parse_args()

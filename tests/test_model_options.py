@@ -77,7 +77,7 @@ def train_step(model: Any) -> float:
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(float(g.abs().sum()) > 0 for g in grads)
-    return float(out.loss)
+    return float(out.loss.detach())
 
 
 def generate(model: Any) -> list[int]:
@@ -444,3 +444,22 @@ def test_remote_code_files_are_listed(
     assert (
         "remote code" not in CliRunner().invoke(cli, ["plan", str(off.path), *sets_of(off)]).output
     )
+
+
+def test_plan_model_for_a_tiny_model_not_built_yet(
+    small_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """builtin:tiny-glm before its first build: config from [model.tiny], nothing built."""
+    monkeypatch.setenv("RECIPE_CACHE", str(tmp_path / "empty-cache"))
+    result = CliRunner().invoke(
+        cli, ["plan", str(small_recipe), "--model", "--set", "lora.target_modules=all-linear"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "model: glm: 4 layers, hidden 256, vocab 2000, " in result.output
+        and "config from [model.tiny] settings (not built yet: the vocabulary is vocab_size 2000; "
+        "the trained tokenizer may have fewer); no weights read"
+        in result.output
+    )
+    assert "LoRA targets: " + ", ".join(LINEAR) + "; 24 modules adapted" in result.output
+    assert not (tmp_path / "empty-cache").exists()

@@ -62,8 +62,8 @@ class Encoder:
 
     def ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         """`tok(texts)["input_ids"]`; straight from a fast tokenizer's backend when it truncates
-        and pads nothing (the same ids, without building attention masks and Python objects
-        per row: half the time of a 100k-row tokenize)."""
+        and pads nothing: the same ids without offsets, attention masks and a Python object per
+        row (about a quarter less CPU on the demo data)."""
         backend = getattr(self.tok, "_tokenizer", None)
         if (
             getattr(self.tok, "is_fast", False)
@@ -71,7 +71,8 @@ class Encoder:
             and backend.truncation is None
             and backend.padding is None
         ):
-            encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets
+            encodings = encode(texts, add_special_tokens=add_special_tokens)
             return [e.ids for e in encodings]
         return list(self.tok(texts, add_special_tokens=add_special_tokens)["input_ids"])
 

@@ -14,16 +14,19 @@ memory of a training step is estimated part by part:
   8-bit AdamW 2 bytes plus a per-256 fp32 absmax pair (tensors under 4,096 elements keep 32-bit
   state), paged buffers (tensors of 100,000 elements or more, on a GPU) in unified memory, which
   the GPU allocator does not count;
-* activations, for a LLaMA/GLM-style decoder layer, from the tensors autograd keeps: per token
-  and layer the two RMSNorm inputs (fp32) and outputs, q, k and v as attention sees them (k and
-  v repeated to every head when a padding mask keeps sdpa off its grouped-query path), the
-  attention output and its contiguous copy, the MLP's gate/up output, activation and product
-  (4 x intermediate), and per adapted module its rank-r LoRA output (plus the dropout output and
-  mask when lora_dropout > 0); eager attention adds the heads x length probabilities. With
-  gradient checkpointing only each layer's input is kept, plus one layer recomputed in backward.
-  The loss adds 3 fp32 copies of the logits (log-softmax output, its gradient and the gradient
-  it passes on), the largest transient of the step;
-* the largest de-quantized weight, which exists for the length of one matmul.
+* activations, for a LLaMA/GLM-style decoder layer, from the tensors autograd keeps per token
+  and layer: the two RMSNorm inputs (fp32); q, k and v as attention sees them (k and v repeated
+  to every head when a padding mask keeps sdpa off its grouped-query path; eager attention adds
+  the heads x length probabilities); the attention output; the MLP's gate/up output and
+  activation; and per LoRA-adapted layer its rank-r A output and its A input: the layer input
+  itself, kept once for the layers it feeds (q/k/v share one), or with lora_dropout > 0 the
+  dropout output and mask per layer. A frozen 4-bit linear keeps no input (its backward needs
+  only the weight); an 8-bit one keeps an fp16 copy. With gradient checkpointing only each
+  layer's input is kept, plus one layer recomputed in backward. The loss adds 3 fp32 copies of
+  the logits (log-softmax output, its gradient and the gradient it passes on), the largest
+  transient of the step;
+* under mixed precision, the half-precision copies autocast makes of fp32 linear weights
+  (kept for the forward); the largest de-quantized weight, for the length of one matmul.
 
 Tokens per step come from the tokenize stage's state file (train.length: max for the peak, p50
 for a typical step) x per_device_train_batch_size, or tokenize.max_length when it has not run.
@@ -44,6 +47,11 @@ GiB = float(2**30)
 _PAGED_MIN = 100_000  # bitsandbytes pages state buffers from this many elements on (GPU only)
 _STATE8_MIN = 4096  # 8-bit optimizers keep 32-bit state for smaller tensors
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Memory the framework itself takes on the CPU once training runs, beyond the tensors: torch's
+# thread pools and kernel scratch, the trainer's data loading. Measured with the tiny model
+# (bench/memory.py: resident memory above the live tensors, about 40-55 MiB); it does not grow
+# with the model. On a GPU the same lives in host memory, outside the device figure.
+_CPU_RUNTIME = 48 * 2**20
 
 
 @dataclass
@@ -87,6 +95,7 @@ class Memory:
     optimizer_paged: int  # part of `optimizer` in unified memory (not on the GPU heap)
     autocast_copies: int
     dequant_transient: int
+    runtime: int  # the framework's own working memory (CPU only; see _CPU_RUNTIME)
     activations: dict[str, int]  # "checkpointing" / "no_checkpointing" at the peak length
     activations_typical: dict[str, int]
 
@@ -100,6 +109,7 @@ class Memory:
             + self.optimizer
             + self.autocast_copies
             + self.dequant_transient
+            + self.runtime
         )
         return fixed + acts[key] - (self.optimizer_paged if device_heap else 0)
 
@@ -448,6 +458,14 @@ def plan_model(
     modules_to_save = load.resolve_modules_to_save(recipe, model, naming)
     load.check_layers(recipe, model)
     notes: list[str] = []
+    if not cuda:
+        notes.append(
+            "on the CPU, glibc's malloc keeps freed activation memory in its heap: resident memory "
+            "can reach about twice the activations; MALLOC_MMAP_THRESHOLD_=131072 in the "
+            "environment makes it follow this estimate"
+        )
+    else:
+        notes.append("the CUDA context (about 0.5 GiB) comes on top, outside torch's allocator")
     if not cuda and (problem := load.cpu_4bit_problem(recipe, model)):
         raise RecipeError(problem)
 
@@ -552,6 +570,7 @@ def plan_model(
         optimizer_paged=opt_paged,
         autocast_copies=autocast_copies,
         dequant_transient=max_dequant * precision.compute_bytes,
+        runtime=0 if cuda else _CPU_RUNTIME,
         activations=acts(tokens.peak_length),
         activations_typical=acts(tokens.typical_length),
     )
@@ -667,6 +686,11 @@ def format_model_plan(plan: ModelPlan) -> list[str]:
         lines.append(
             f"  de-quantized     {_gib(m.dequant_transient)}  "
             "(the largest weight, during one matmul)"
+        )
+    if m.runtime:
+        lines.append(
+            f"  runtime          {_gib(m.runtime)}  (torch's thread pools and kernel scratch, data "
+            "loading: measured, not model-dependent)"
         )
     shape = f"{t.batch} x {t.peak_length} tokens"
     lines.append(
