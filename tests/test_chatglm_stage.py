@@ -267,8 +267,9 @@ def test_chatglm_checkpoint_trains_and_exports_to_chatglm_names(
     )
     assert refused.exit_code == 2
     assert refused.output.splitlines()[-1] == (
-        f"{recipe}: $.lora.target_modules: 'q_proj' is not a linear module of ChatGLM3; "
-        "available: query_key_value, dense, dense_h_to_4h, dense_4h_to_h"
+        f"{recipe}: $.lora.target_modules: 'q_proj' is not a linear module of ChatGLM3 "
+        "(ChatGLM3 calls it 'query_key_value'); available: query_key_value, dense, dense_h_to_4h, "
+        "dense_4h_to_h"
     )
 
 
@@ -289,4 +290,39 @@ def test_export_to_chatglm_names_needs_a_chatglm_model(tmp_path: Path) -> None:
         f"{recipe}: $.model.name_or_path: 'builtin:tiny-glm' is not a ChatGLM3 "
         "checkpoint, so its adapter already uses the model's own module names; "
         "export it with --adapter OUT"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("written", "chatglm_names", "native"),
+    [
+        ('"auto"', ["query_key_value"], ["k_proj", "q_proj", "v_proj"]),  # peft's chatglm mapping
+        ('"all-linear"', CHATGLM_NAMES, NATIVE),
+        ('["dense_h_to_4h", "dense"]', ["dense", "dense_h_to_4h"], ["gate_up_proj", "o_proj"]),
+    ],
+)
+def test_chatglm_targets_in_chatglm_names(
+    tmp_path: Path, chatglm: Path, written: str, chatglm_names: list[str], native: list[str]
+) -> None:
+    from runner.models.estimate import plan_model
+
+    recipe = load_recipe(
+        write_recipe(tmp_path, chatglm, ["dense"]), [f"lora.target_modules={written}"]
+    )
+    plan = plan_model(recipe)
+    assert plan.naming == "chatglm"
+    assert (plan.targets_as_written, plan.targets) == (chatglm_names, native)
+
+
+def test_native_names_are_refused_for_a_chatglm_checkpoint(tmp_path: Path, chatglm: Path) -> None:
+    from runner.errors import RecipeError
+    from runner.models.estimate import plan_model
+
+    recipe = load_recipe(write_recipe(tmp_path, chatglm, ["query_key_value", "gate_up_proj"]))
+    with pytest.raises(RecipeError) as e:
+        plan_model(recipe)
+    assert e.value.lines == [
+        f"{recipe.path}: $.lora.target_modules: 'gate_up_proj' is not a linear module of ChatGLM3 "
+        "(ChatGLM3 calls it 'dense_h_to_4h'); available: query_key_value, dense, dense_h_to_4h, "
+        "dense_4h_to_h"
     ]

@@ -6,7 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RecipeError
-from runner.models.chatglm import CHATGLM_TO_GLM_TARGETS, translate_target_modules_to_chatglm
+from runner.models.chatglm import (
+    CHATGLM_TO_GLM_TARGETS,
+    GLM_TO_CHATGLM_TARGETS,
+    translate_target_modules_to_chatglm,
+)
 from runner.recipe import Recipe
 
 
@@ -135,10 +139,14 @@ def resolve_targets(recipe: Recipe, model: Any, naming: str = "native") -> list[
             names.extend(glm_alias)
             continue
         if name not in real:
+            if naming == "chatglm" and name in GLM_TO_CHATGLM_TARGETS:  # a native GLM name
+                hint = f" (ChatGLM3 calls it {GLM_TO_CHATGLM_TARGETS[name]!r})"
+            else:
+                hint = _did_you_mean(name, real)
             raise RecipeError(
                 f"{recipe.origin('lora.target_modules')}: $.lora.target_modules: {name!r} "
-                f"is not a linear module of {_model_label(model, naming)}"
-                f"{_did_you_mean(name, real)}; available: {', '.join(real)}"
+                f"is not a linear module of {_model_label(model, naming)}{hint}; "
+                f"available: {', '.join(real)}"
             )
         names.extend(CHATGLM_TO_GLM_TARGETS[name] if naming == "chatglm" else [name])
     return sorted(set(names))
