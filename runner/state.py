@@ -189,11 +189,13 @@ def fresh_tmp_dir(final: Path) -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to a temp file in the same folder, then rename: never a half-written file."""
+    """Write text to a temp file in the same folder, then rename: never a half-written file.
+    The file gets the usual permissions (umask), not mkstemp's owner-only 0600: reports are
+    meant to be shared."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

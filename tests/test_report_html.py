@@ -127,12 +127,32 @@ def test_examples_side_by_side_with_their_scores() -> None:
     assert "bleu-4 20.5 · rouge-1 30 · rouge-2 12 · rouge-l 5" in html
 
 
-def test_recipe_summary_of_the_tiny_demo() -> None:
-    pairs = dict(recipe_summary(load_recipe(ROOT / "recipes" / "adgen-tiny.toml").data))
+def test_recipe_summary_shows_the_settings_that_matter(small_recipe: Path) -> None:
+    overrides = (
+        "lora.r=16",
+        "lora.lora_alpha=64",
+        "lora.lora_dropout=0.1",
+        "lora.target_modules=all-linear",
+        "quantization.bnb_4bit_compute_dtype=float32",
+        "compare.num_examples=3",
+        "compare.max_new_tokens=64",
+        'compare.prompts=[{q = "extra"}]',
+    )
+    pairs = dict(recipe_summary(load_recipe(small_recipe, overrides).data))
     assert pairs["model"] == "builtin:tiny-glm"
+    assert pairs["dataset"] == "data (split train)"
     assert pairs["quantization"] == "4-bit nf4, double quant, compute float32"
-    assert pairs["LoRA"] == "r 8, alpha 32, dropout 0, targets all-linear"
-    assert pairs["compare"] == "4 held-out examples, 0 extra prompts, greedy, max_new_tokens 100"
+    assert pairs["LoRA"] == "r 16, alpha 64, dropout 0.1, targets all-linear"
+    assert pairs["compare"] == "3 held-out examples, 1 extra prompt, greedy, max_new_tokens 64"
+    sampled = dict(
+        recipe_summary(
+            load_recipe(
+                small_recipe,
+                ("compare.do_sample=true", "compare.temperature=0.7", "compare.top_p=0.9"),
+            ).data
+        )
+    )
+    assert "sampling (temperature 0.7, top_p 0.9, seed 1)" in sampled["compare"]
 
 
 def _screenshot_module() -> Any:
@@ -165,3 +185,20 @@ def test_screenshot_script_reports_a_missing_file(
         pytest.skip("no Chromium (apt-get install -y chromium)")
     assert shot.main([str(tmp_path / "nope.html"), "--out", str(tmp_path / "x.png")]) == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'nope.html'}: not found\n"
+
+
+def test_report_files_get_the_usual_permissions_and_no_temp_file(tmp_path: Path) -> None:
+    import os
+
+    from runner.state import write_text_atomic
+
+    umask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "sub" / "report.html", "<p>one</p>")
+        write_text_atomic(tmp_path / "sub" / "report.html", "<p>two</p>")
+    finally:
+        os.umask(umask)
+    report = tmp_path / "sub" / "report.html"
+    assert report.read_text() == "<p>two</p>"
+    assert report.stat().st_mode & 0o777 == 0o644  # shareable, unlike mkstemp's 0600
+    assert [p.name for p in report.parent.iterdir()] == ["report.html"]

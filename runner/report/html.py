@@ -90,6 +90,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def recipe_summary(data: dict[str, Any]) -> list[tuple[str, str]]:
     """The settings a reader of the report wants first, from the resolved recipe data."""
 
@@ -140,8 +144,8 @@ def recipe_summary(data: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         (
             "compare",
-            f"{get('compare.num_examples')} held-out examples, "
-            f"{len(get('compare.prompts') or [])} extra prompts, {decoding}, "
+            f"{_count(get('compare.num_examples') or 0, 'held-out example')}, "
+            f"{_count(len(get('compare.prompts') or []), 'extra prompt')}, {decoding}, "
             f"max_new_tokens {get('compare.max_new_tokens')}",
         ),
     ]
