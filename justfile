@@ -36,6 +36,11 @@ bench-cpu:
 bench-data:
     python bench/data.py
 
+# `recipe plan --model`'s memory estimate against the measured peak (CPU: tiny recipe, peak RSS;
+# on a GPU machine: `python bench/memory.py --gpu-6b`, ChatGLM3-6B's shape, random weights)
+bench-memory:
+    python bench/memory.py
+
 # regenerate docs/recipe-reference.md from the schema (a test fails when it is out of date)
 docs:
     recipe reference --output docs/recipe-reference.md

@@ -8,8 +8,9 @@ CPU: formats and tokenizes the recipe's data (`recipe run --until tokenize` into
 the estimate (runner.models.estimate: the config, the tokenize stage's measured lengths x batch),
 then runs quantize-load and train in a fresh process and measures the peak resident memory
 above what that process held once its libraries were imported (the kernel's high-water mark,
-reset just before loading). The default runs the recipe's own max_steps (120 steps of 16 rows:
-about one epoch, so the longest row is almost surely in some batch, as the estimate assumes).
+reset just before loading). It trains 10 steps with train.group_by_length = true, whose sampler
+puts the batch holding the longest row first: the step the estimate describes (batch x longest
+row, padded to it) is then measured for sure.
 The measuring process runs with MALLOC_MMAP_THRESHOLD_=131072 so that freed tensors go back to
 the system and RSS follows the live tensors; glibc's default keeps freed activation memory in
 its heap (RSS up to ~2x the live peak here); --glibc-default measures that instead.
@@ -122,9 +123,14 @@ def cpu(args: argparse.Namespace) -> int:
     from runner.recipe import load_recipe
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-memory-")).resolve()
-    overrides = [f"recipe.output_dir={work / 'run'}", *args.set]
-    if args.steps:
-        overrides.append(f"train.max_steps={args.steps}")
+    # group_by_length puts the batch holding the longest row first (transformers' length-grouped
+    # sampler), so the step the estimate describes (batch x longest row) comes in a few steps
+    overrides = [
+        f"recipe.output_dir={work / 'run'}",
+        "train.group_by_length=true",
+        f"train.max_steps={args.steps or 10}",
+        *args.set,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     prep = subprocess.run(
         [
@@ -404,7 +410,7 @@ def main() -> int:
         "--steps",
         type=int,
         default=0,
-        help="training steps (CPU default: the recipe's; GPU default: 4)",
+        help="training steps (CPU default: 10; GPU default: 4)",
     )
     p.add_argument("--length", type=int, default=256, help="GPU: tokens per row (default 256)")
     p.add_argument(

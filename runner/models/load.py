@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,8 @@ def load_base(recipe: Recipe, folder: Path, *, quantize: bool = True) -> Any:
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
+    if not sys.stderr.isatty():  # "Loading weights" bars are noise in logs and captured output
+        transformers.logging.disable_progress_bar()
     return AutoModelForCausalLM.from_pretrained(
         folder,
         quantization_config=quantization_config(recipe) if quantize else None,

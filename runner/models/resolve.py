@@ -195,12 +195,16 @@ def _convert_chatglm(folder: Path, ident: dict[str, Any], log: Callable[[str], N
     try:
         convert_checkpoint(folder, tmp)
     except (OSError, ValueError) as e:
-        raise RecipeError(f"{folder}: cannot convert this ChatGLM checkpoint to native GLM: "
-                          f"{type(e).__name__}: {e}") from None
+        raise RecipeError(
+            f"{folder}: cannot convert this ChatGLM checkpoint to native GLM: "
+            f"{type(e).__name__}: {e}"
+        ) from None
     source = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    (tmp / SOURCE_FILE).write_text(json.dumps({"format": "chatglm", "source": ident,
-                                               "chatglm_config": source}, indent=2) + "\n",
-                                   encoding="utf-8")
+    (tmp / SOURCE_FILE).write_text(
+        json.dumps({"format": "chatglm", "source": ident, "chatglm_config": source}, indent=2)
+        + "\n",
+        encoding="utf-8",
+    )
     replace_dir(tmp, out)
     return out
 
@@ -220,22 +224,28 @@ def remote_code_note(recipe: Recipe) -> str | None:
         files = sorted(p.name for p in local.glob("*.py"))
         where = str(local)
     elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return (f"remote code: cannot list the *.py files of {name} at revision "
-                f"{m.get('revision')} (offline: HF_HUB_OFFLINE is set)")
+        return (
+            f"remote code: cannot list the *.py files of {name} at revision "
+            f"{m.get('revision')} (offline: HF_HUB_OFFLINE is set)"
+        )
     else:
         try:
             from huggingface_hub import HfApi
 
             info = HfApi().model_info(name, revision=m.get("revision"), timeout=5)
         except Exception as e:  # offline, unknown repo, auth: one line
-            return (f"remote code: cannot list the *.py files of {name} at revision "
-                    f"{m.get('revision')} (hub unreachable or refused: {type(e).__name__})")
+            return (
+                f"remote code: cannot list the *.py files of {name} at revision "
+                f"{m.get('revision')} (hub unreachable or refused: {type(e).__name__})"
+            )
         files = sorted(s.rfilename for s in info.siblings or [] if s.rfilename.endswith(".py"))
         where = f"{name}@{m.get('revision')}"
     chatglm = is_chatglm_folder(local) if local.is_dir() else "modeling_chatglm.py" in files
     if chatglm:
-        return (f"remote code: not run: {where} is a ChatGLM checkpoint, converted to native GLM "
-                f"instead (its {', '.join(files) or 'no'} .py files are ignored)")
+        return (
+            f"remote code: not run: {where} is a ChatGLM checkpoint, converted to native GLM "
+            f"instead (its {', '.join(files) or 'no'} .py files are ignored)"
+        )
     if not files:
         return f"remote code: trust_remote_code = true, but {where} ships no .py files"
     return f"remote code that would run (trust_remote_code = true): {where}: {', '.join(files)}"
