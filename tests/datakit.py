@@ -10,6 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from runner.plan import compute_plan, state_path
+from runner.recipe import load_recipe
+from runner.state import describe_path, new_state, write_json_atomic
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 CHATGLM3 = (
     "[MASK]",
@@ -121,3 +125,20 @@ def write_recipe(folder: Path, tokenizer: bool = True, **tables: dict[str, Any])
     path = folder / "recipe.toml"
     path.write_text(tomli_w.dumps(recipe), encoding="utf-8")
     return path
+
+
+def mark_done(recipe_file: Path, overrides: tuple[str, ...] = ()) -> None:
+    """Write state files as if every stage had run (outputs faked)."""
+    recipe = load_recipe(recipe_file, overrides)
+    for st in compute_plan(recipe):
+        outputs = []
+        for rel in st.stage.outputs:
+            out = recipe.run_dir / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if not out.exists():
+                out.write_text("x")
+            outputs.append({"path": rel, **describe_path(out)})
+        write_json_atomic(state_path(recipe.run_dir, st.name), new_state(st.name) | {
+            "status": "done", "fingerprint": st.fingerprint, "params": st.params,
+            "inputs": st.inputs, "upstream": st.upstream, "libraries": st.libraries,
+            "started": "t", "ended": "t", "metrics": {}, "outputs": outputs})

@@ -9,41 +9,12 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from datakit import make_tokenizer, write_jsonl, write_recipe
+from datakit import make_tokenizer, mark_done, write_jsonl, write_recipe
 
 from runner.cli import cli
-from runner.plan import compute_plan, state_path
+from runner.plan import compute_plan
 from runner.recipe import load_recipe
-from runner.state import describe_path, new_state, write_json_atomic
-
-
-def mark_done(recipe_file: Path, overrides: tuple[str, ...] = ()) -> None:
-    """State files as if every stage had run (outputs faked)."""
-    recipe = load_recipe(recipe_file, overrides)
-    for st in compute_plan(recipe):
-        outputs = []
-        for rel in st.stage.outputs:
-            out = recipe.run_dir / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if not out.exists():
-                out.write_text("x")
-            outputs.append({"path": rel, **describe_path(out)})
-        write_json_atomic(
-            state_path(recipe.run_dir, st.name),
-            new_state(st.name)
-            | {
-                "status": "done",
-                "fingerprint": st.fingerprint,
-                "params": st.params,
-                "inputs": st.inputs,
-                "upstream": st.upstream,
-                "libraries": st.libraries,
-                "started": "t",
-                "ended": "t",
-                "metrics": {},
-                "outputs": outputs,
-            },
-        )
+from runner.state import describe_path
 
 
 def stale(recipe_file: Path, overrides: tuple[str, ...] = ()) -> dict[str, list[str]]:
