@@ -61,6 +61,16 @@ set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                        help="Override a recipe key, e.g. --set lora.r=16 (repeatable).")
 
 
+gpus_opt = click.option(
+    "--gpus", "gpus", type=click.IntRange(min=1), metavar="N",
+    help="Train in N processes, one per GPU, through accelerate (the same as "
+         "--set launch.num_processes=N); the other stages run once.")
+
+
+def with_gpus(overrides: tuple[str, ...], gpus: int | None) -> tuple[str, ...]:
+    return overrides if gpus is None else (*overrides, f"launch.num_processes={gpus}")
+
+
 def _load(recipe_file: Path, overrides: tuple[str, ...]) -> Any:
     from runner.recipe import load_recipe
 
@@ -110,13 +120,14 @@ def validate(recipe_files: tuple[Path, ...], overrides: tuple[str, ...], fmt: st
 @click.option("--model", "model", is_flag=True,
               help="Also build the model on the meta device from its config (imports torch, reads "
                    "no weights): LoRA targets checked, trainable params, a memory estimate.")
+@gpus_opt
 @reported
-def plan(recipe_file: Path, overrides: tuple[str, ...], model: bool) -> None:
+def plan(recipe_file: Path, overrides: tuple[str, ...], model: bool, gpus: int | None) -> None:
     """Show each stage as done, stale (why) or pending, without running anything."""
     from runner.models.resolve import remote_code_note
     from runner.plan import compute_plan
 
-    recipe = _load(recipe_file, overrides)
+    recipe = _load(recipe_file, with_gpus(overrides, gpus))
     click.echo(f"recipe {recipe.name}: run dir {recipe.run_dir}")
     for st in compute_plan(recipe):
         why = f" ({'; '.join(st.reasons)})" if st.reasons else ""
@@ -143,13 +154,14 @@ def plan(recipe_file: Path, overrides: tuple[str, ...], model: bool) -> None:
 @click.option("--until", "until", type=click.Choice(["format", "tokenize", "quantize-load", "train",
                                                      "save", "compare"]),
               help="Stop after this stage.")
+@gpus_opt
 @reported
 def run(recipe_file: Path, overrides: tuple[str, ...], force: bool, locked: bool,
-        until: str | None) -> None:
+        until: str | None, gpus: int | None) -> None:
     """Run the stages that are not up to date, then print the before/after table."""
     from runner.run import run_recipe
 
-    recipe = _load(recipe_file, overrides)
+    recipe = _load(recipe_file, with_gpus(overrides, gpus))
     if locked:
         recipe = _locked(recipe, recipe_file)
     run_recipe(recipe, click.echo, force=force, only=until)
@@ -184,13 +196,14 @@ def _print_compare(run_dir: Path) -> None:
 @cli.command()
 @recipe_arg
 @set_opt
+@gpus_opt
 @reported
-def status(recipe_file: Path, overrides: tuple[str, ...]) -> None:
+def status(recipe_file: Path, overrides: tuple[str, ...], gpus: int | None) -> None:
     """What ran, when, with which fingerprint, and its metrics."""
     from runner.plan import compute_plan
     from runner.report.data_metrics import metric_lines
 
-    recipe = _load(recipe_file, overrides)
+    recipe = _load(recipe_file, with_gpus(overrides, gpus))
     click.echo(f"recipe {recipe.name}: run dir {recipe.run_dir}")
     for st in compute_plan(recipe):
         state = st.state or {}

@@ -18,6 +18,13 @@ class Context:
     status: Any = None  # its runner.plan.StageStatus: params, inputs, upstream, libraries
     memo: dict[str, Any] = field(default_factory=dict)  # e.g. the model loaded by quantize-load
     on_progress: Callable[[dict[str, Any]], None] = field(default=lambda metrics: None)
+    rank: int = 0  # global rank of a training process started by runner.launch; 0 otherwise
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes state, checkpoints, logs and reports."""
+        return self.rank == 0
 
     def path(self, relative: str) -> Path:
         """A stage output path: fixed by the stage, always inside the run directory."""
@@ -27,7 +34,9 @@ class Context:
         return path
 
     def log(self, message: str) -> None:
-        """A line on the terminal and in logs/run.log."""
+        """A line on the terminal and in logs/run.log (the main process only)."""
+        if not self.is_main:
+            return
         self.echo(message)
         log = self.run_dir / "logs" / "run.log"
         log.parent.mkdir(parents=True, exist_ok=True)

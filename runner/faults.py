@@ -11,6 +11,8 @@ Nothing reads it but this module; leave it unset outside tests.
     pause_after_step:N    after step N, create <run dir>/.fault-paused and wait (at most
                           PAUSE_LIMIT_S) for SIGINT or SIGTERM, so a test can signal or race it
 
+In a launched (several-process) train, RECIPE_FAULT_RANK=<rank> arms it in that rank only.
+
 SIGKILL to itself is what `kill -9` does: no handler, no `finally`, no flush.
 """
 
@@ -35,6 +37,9 @@ _kill_in_state_write = False
 def armed() -> tuple[str, int] | None:
     """(point, step) from RECIPE_FAULT, or None when unset or not understood."""
     point, _, step = os.environ.get(ENV, "").partition(":")
+    only = os.environ.get(f"{ENV}_RANK")
+    if only is not None and only != os.environ.get("RANK", "0"):
+        return None
     if point in POINTS and step.isdigit():
         return point, int(step)
     return None

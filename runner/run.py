@@ -125,6 +125,10 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None], *, force: bool = Fal
     """Run what is not done; return the states of the stages that ran."""
     run_dir = recipe.run_dir
     ran: list[dict[str, Any]] = []
+    if recipe.get("launch.machine_rank") > 0 and only not in STAGE_NAMES[:STAGE_NAMES.index("train")]:
+        only = "train"  # multi-node: machine 0 saves, compares and reports
+        echo(f"machine {recipe.get('launch.machine_rank')}: runs the stages up to train; "
+             "machine 0 writes the adapter and the reports")
     with run_lock(run_dir), sigterm_as_interrupt():
         check_ownership(recipe, force)
         write_resolved_recipe(recipe)

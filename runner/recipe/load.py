@@ -132,6 +132,41 @@ def cross_field_errors(written: dict[str, Any], data: dict[str, Any]) -> list[tu
         errors.append((("train", "early_stopping_patience"),
                        "early stopping watches the held-out loss: set train.eval_steps > 0 "
                        "(e.g. the same as save_steps), or early_stopping_patience = 0"))
+    errors.extend(launch_errors(data))
+    return errors
+
+
+def launch_errors(data: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """[launch] combinations that cannot work."""
+    errors: list[tuple[tuple[str, ...], str]] = []
+    launch, q, train = data["launch"], data["quantization"], data["train"]
+    if launch["machine_rank"] >= launch["num_machines"]:
+        errors.append((("launch", "machine_rank"),
+                       f"machine_rank {launch['machine_rank']} is not below num_machines "
+                       f"{launch['num_machines']}; machines are numbered 0 to num_machines - 1"))
+    if launch["num_machines"] > 1 and launch["main_process_ip"] is None and launch["config_file"] is None:
+        errors.append((("launch", "main_process_ip"),
+                       "several machines need the address of machine 0: set main_process_ip "
+                       "(or an accelerate config_file)"))
+    if launch["strategy"] != "fsdp":
+        return errors
+    if q["load_in_8bit"]:
+        errors.append((("launch", "strategy"),
+                       "FSDP cannot shard 8-bit (LLM.int8) weights; use quantization.load_in_4bit "
+                       "with bnb_4bit_quant_storage = the compute dtype, or strategy = \"ddp\""))
+    if q["load_in_4bit"]:
+        compute = q["bnb_4bit_compute_dtype"]
+        wanted = "bfloat16" if compute == "auto" else compute
+        if q["bnb_4bit_quant_storage"] != wanted:
+            errors.append((("quantization", "bnb_4bit_quant_storage"),
+                           f"FSDP shards 4-bit weights only when they are stored in the compute "
+                           f"dtype; set bnb_4bit_quant_storage = \"{wanted}\" (now "
+                           f"\"{q['bnb_4bit_quant_storage']}\")"))
+    if "8bit" in train["optim"]:
+        errors.append((("train", "optim"),
+                       f"FSDP cannot shard the state of the bitsandbytes optimizer "
+                       f"\"{train['optim']}\"; use optim = \"adamw_torch\" (the adapters are "
+                       "small: the 32-bit state costs little)"))
     return errors
 
 

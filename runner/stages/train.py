@@ -25,6 +25,7 @@ from runner.checkpoints import (
 )
 from runner.context import Context
 from runner.errors import Interrupted, StageError
+from runner.launch import STOP_FILE
 from runner.progress import TrainProgress
 from runner.state import is_disk_full, path_size, write_json_atomic
 from runner.throughput import Meter, counting
@@ -67,6 +68,8 @@ def training_arguments(ctx: Context, output_dir: str) -> Any:
         bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     kwargs = {k: cfg[k] for k in PASSTHROUGH} | versioned_arguments(cfg, fields)
+    if ctx.world_size > 1:  # LoRA on every target layer: each trainable parameter gets a grad
+        kwargs["ddp_find_unused_parameters"] = False
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.path("logs/tensorboard"))
     return TrainingArguments(
         output_dir=output_dir,
@@ -99,27 +102,45 @@ def evaluation_arguments(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def agreed_stop(ctx: Context, stop_flag: dict[str, bool], device: Any) -> bool:
+    """Whether to stop after this step. In a launched run the parent asks by writing the stop
+    file; every rank must stop after the same step, so the ranks agree (an all-reduce)."""
+    if ctx.world_size == 1:
+        return stop_flag["stop"]
+    import torch
+    import torch.distributed as dist
+
+    local = stop_flag["stop"] or ctx.path(STOP_FILE).exists()
+    vote = torch.tensor([int(local)], device=device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    stop_flag["stop"] = bool(vote.item())
+    return stop_flag["stop"]
+
+
 def make_callback(ctx: Context, stop_flag: dict[str, bool], meter: Meter,
                   progress: TrainProgress) -> Any:
     from transformers import TrainerCallback
 
     class RunnerCallback(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            progress.start(state.max_steps, state.global_step, state.num_input_tokens_seen)
+            if ctx.is_main:
+                    progress.start(state.max_steps, state.global_step, state.num_input_tokens_seen)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs:
+            if logs and ctx.is_main:
                 progress.logged(state.global_step, logs)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             meter.step()
-            progress.step(state.global_step, state.num_input_tokens_seen)
-            if stop_flag["stop"]:
+            if ctx.is_main:
+                progress.step(state.global_step, state.num_input_tokens_seen)
+            if agreed_stop(ctx, stop_flag, args.device):
                 control.should_save = True
                 control.should_training_stop = True
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            ctx.on_progress({"last_checkpoint_step": state.global_step})
+            if ctx.is_main:
+                ctx.on_progress({"last_checkpoint_step": state.global_step})
 
     return RunnerCallback()
 
@@ -206,8 +227,8 @@ def is_last_step(checkpoint: Path) -> bool:
     return bool(state.get("max_steps")) and state["global_step"] >= state["max_steps"]
 
 
-def reuse_last_checkpoint(ctx: Context, trainer: Any, checkpoint: Path, out_dir: Path
-                          ) -> dict[str, Any]:
+def reuse_last_checkpoint(ctx: Context, trainer: Any, checkpoint: Path, out_dir: Path,
+                          fsdp: bool = False) -> dict[str, Any]:
     """Training had finished (its state file was lost or corrupt): resuming from the last step's
     checkpoint would train one step past max_steps (transformers checks after a step), so take
     its weights and log as they are."""
@@ -218,15 +239,71 @@ def reuse_last_checkpoint(ctx: Context, trainer: Any, checkpoint: Path, out_dir:
     set_peft_model_state_dict(trainer.model, load_peft_weights(str(checkpoint)))
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     ctx.log(f"train: checkpoint {step_of(checkpoint)} is the last step; nothing left to train")
-    trainer.save_model(str(ctx.path("train/final")))
-    write_attempt(out_dir, {**(read_attempt(out_dir) or {}), "finished": True})
+    save_final(ctx, trainer, fsdp)
     history = trainer.state.log_history
-    write_json_atomic(ctx.path("train/log_history.json"), history)
+    if ctx.is_main:
+        write_attempt(out_dir, {**(read_attempt(out_dir) or {}), "finished": True})
+        write_json_atomic(ctx.path("train/log_history.json"), history)
     losses = [h["loss"] for h in history if "loss" in h]
     return {"global_step": trainer.state.global_step, "resumed_from": checkpoint.name,
             "first_logged_loss": losses[0] if losses else None,
             "last_logged_loss": losses[-1] if losses else None,
             "tokens_seen": trainer.state.num_input_tokens_seen}
+
+
+def describe_launch(recipe: Any, cuda: bool) -> str:
+    """`2 processes (ddp, gloo on the CPU), global batch 4 x 2 x 2 = 16 examples per step`."""
+    from runner.launch import processes
+
+    n = processes(recipe)
+    cfg = recipe.section("train")
+    per, acc = cfg["per_device_train_batch_size"], cfg["gradient_accumulation_steps"]
+    where = "one per GPU" if cuda else "gloo on the CPU"
+    machines = recipe.get("launch.num_machines")
+    on = f" on {machines} machines" if machines > 1 else ""
+    return (f"{n} processes{on} ({recipe.get('launch.strategy')}, {where}), global batch "
+            f"{per} x {acc} x {n} = {per * acc * n} examples per step")
+
+
+def merged_meter(ctx: Context, meter: Meter) -> dict[str, Any]:
+    """The throughput of all ranks: rates summed, memory the largest of any GPU."""
+    summary = meter.summary()
+    if ctx.world_size == 1:
+        return summary
+    import torch.distributed as dist
+
+    every: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(every, summary)
+    merged = dict(summary)
+    for key in ("real_tokens_per_second", "padded_tokens_per_second", "samples_per_second"):
+        if all(key in s for s in every):
+            merged[key] = round(sum(s[key] for s in every), 3)
+            merged[f"{key}_per_process"] = [s[key] for s in every]
+    for key in ("peak_allocated_gib", "peak_reserved_gib", "peak_rss_gib"):
+        if all(key in s for s in every):
+            merged[key] = max(s[key] for s in every)
+            merged[f"{key}_per_process"] = [s[key] for s in every]
+    merged["processes"] = ctx.world_size
+    return merged
+
+
+def fsdp_ready(trainer: Any) -> bool:
+    """FSDP-QLoRA: peft's wrap policy puts the trainable adapters in units of their own (flat
+    parameters must not mix frozen and trainable tensors). True when FSDP is on."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is None:
+        return False
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+    return True
+
+
+def save_final(ctx: Context, trainer: Any, fsdp: bool) -> None:
+    """The adapter, by every rank (FSDP gathers the shards); written by rank 0."""
+    if fsdp:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(ctx.path("train/final")))
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -238,17 +315,23 @@ def run(ctx: Context) -> dict[str, Any]:
     from runner.models.resolve import materialize
 
     recipe = ctx.recipe
+    if ctx.world_size == 1 and ctx.is_main and "resume" not in ctx.memo:
+        from runner.launch import is_launched, run_train
+
+        if is_launched(recipe):
+            return run_train(ctx)
     folder = materialize(recipe, ctx.log)
     tok = load_tokenizer(folder)
     model = ctx.memo.pop("model", None)
+    args = training_arguments(ctx, str(attempt_dir(ctx.run_dir, ctx.fingerprint)))
     if model is None:
         model, _ = load_for_training(recipe, folder)
     out_dir = attempt_dir(ctx.run_dir, ctx.fingerprint)
-    resume = start_attempt(ctx, out_dir)
+    resume = ctx.memo.pop("resume") if "resume" in ctx.memo else start_attempt(ctx, out_dir)
     data = load_from_disk(str(ctx.path("data/tokenized")), keep_in_memory=True)
     collator = make_collator(recipe, tok)
     cfg = recipe.section("train")
-    flag, restore = interrupt_flag()
+    flag, restore = interrupt_flag() if ctx.world_size == 1 else ({"stop": False}, lambda: None)
     meter = Meter(tok.pad_token_id)
     progress = TrainProgress(ctx.log)
     echo, ctx.echo = ctx.echo, progress.printer(ctx.echo)  # lines above the bar on a terminal
@@ -256,19 +339,21 @@ def run(ctx: Context) -> dict[str, Any]:
     if cfg["early_stopping_patience"]:
         callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"],
                                                cfg["early_stopping_threshold"]))
-    trainer = Trainer(model=model, args=training_arguments(ctx, str(out_dir)),
+    trainer = Trainer(model=model, args=args,
                       train_dataset=data["train"],
                       eval_dataset=data["heldout"] if cfg["eval_steps"] else None,
                       data_collator=counting(collator, meter), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # our callback logs instead of printing dicts
-    for hook in faults.trainer_hooks(trainer, ctx.run_dir, lambda: flag["stop"]):  # tests only
+    fsdp = fsdp_ready(trainer)
+    for hook in faults.trainer_hooks(trainer, ctx.run_dir,  # tests only
+                                     lambda: flag["stop"] or ctx.path(STOP_FILE).exists()):
         trainer.callback_handler.callbacks.insert(0, hook)
     if cfg["eval_steps"]:
         keep_training_layout(model)
     if resume is not None and is_last_step(resume):
         ctx.echo = echo
         restore()
-        return reuse_last_checkpoint(ctx, trainer, resume, out_dir)
+        return reuse_last_checkpoint(ctx, trainer, resume, out_dir, fsdp)
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except Exception as e:
@@ -280,6 +365,7 @@ def run(ctx: Context) -> dict[str, Any]:
         ctx.echo = echo
         restore()
     if flag["stop"]:
+        ctx.memo["stopped_at_step"] = trainer.state.global_step
         ctx.log(f"train: interrupted at step {trainer.state.global_step}; checkpoint saved, "
                 "`recipe run` resumes")
         raise Interrupted("train")
@@ -287,10 +373,12 @@ def run(ctx: Context) -> dict[str, Any]:
         ctx.log(f"train: stopped early at step {trainer.state.global_step}: the held-out loss did "
                 f"not improve for {cfg['early_stopping_patience']} evaluations "
                 f"(best {trainer.state.best_metric or float('nan'):.4f})")
-    trainer.save_model(str(ctx.path("train/final")))
-    write_attempt(out_dir, {**(read_attempt(out_dir) or {}), "finished": True})
+    save_final(ctx, trainer, fsdp)
+    throughput = merged_meter(ctx, meter)
     history = trainer.state.log_history
-    write_json_atomic(ctx.path("train/log_history.json"), history)
+    if ctx.is_main:
+        write_attempt(out_dir, {**(read_attempt(out_dir) or {}), "finished": True})
+        write_json_atomic(ctx.path("train/log_history.json"), history)
     losses = [h["loss"] for h in history if "loss" in h]
     tokens = sum(len(x) for x in data["train"]["input_ids"])
     metrics = {
@@ -303,11 +391,10 @@ def run(ctx: Context) -> dict[str, Any]:
         "epochs": result.metrics.get("epoch"),
         "dataset_tokens": tokens,
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        **meter.summary(),
+        **throughput,
         "average_tokens_per_second": round(trainer.state.num_input_tokens_seen
                                         / max(result.metrics.get("train_runtime") or 1e-9, 1e-9), 1),
     }
     ctx.log(f"train: {metrics['global_step']} steps, loss {metrics['first_logged_loss']} -> "
             f"{metrics['last_logged_loss']}")
     return metrics
-
