@@ -198,6 +198,8 @@ def _resume_hint(run_dir: Path, stored: dict[str, Any]) -> str:
 def _missing_outputs(run_dir: Path, stage: Stage, stored: dict[str, Any]) -> list[str]:
     recorded = {o["path"]: o for o in stored.get("outputs", [])}
     problems = []
+    if stage.name == "train" and stored.get("metrics", {}).get("machine_rank"):
+        return []  # multi-node: trained with machine 0, which holds the outputs
     for rel in stage.outputs:
         size = path_size(run_dir / rel)
         if size is None:

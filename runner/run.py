@@ -112,7 +112,13 @@ def run_stage(ctx: Context, st: StageStatus) -> dict[str, Any]:
                              "free space and run again (finished stages are kept)") from e
         raise StageError(st.name, f"{type(e).__name__}: {e}".splitlines()[0]) from e
     outputs = []
-    for rel in st.stage.outputs:
+    elsewhere = st.name == "train" and ctx.recipe.get("launch.machine_rank") > 0  # on machine 0
+    for rel in () if elsewhere else st.stage.outputs:
+        if not (ctx.run_dir / rel).exists():
+            state.update(status="failed", ended=_now())
+            _record_end(path, state)
+            raise StageError(st.name, f"finished without writing {ctx.run_dir / rel}; "
+                                      "this is a bug in the stage, please report it")
         outputs.append({"path": rel, **describe_path(ctx.run_dir / rel)})
     state.update(status="done", ended=_now(), outputs=outputs,
                  metrics={**state["metrics"], **metrics, "seconds": round(time.monotonic() - t0, 2)})

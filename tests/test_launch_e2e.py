@@ -176,3 +176,30 @@ def test_ctrl_c_checkpoints_after_the_step_and_resumes(
     assert resumed.exit_code == 0, resumed.output
     assert "train: resumed from checkpoint 1" in resumed.stdout
     assert losses(run_dir) == losses(two[0])
+
+
+def test_two_machines_on_one_host(prepared: Path, tmp_path: Path, env: dict[str, str]) -> None:
+    """Multi-node as documented, with 127.0.0.1 as machine 0: machine 0 trains with machine 1
+    and writes everything; machine 1 stops after train and its next run has nothing to do."""
+    from runner.launch import free_port
+
+    port = free_port()
+    common = ["--gpus", "1", "--set", "launch.num_machines=2", "--set",
+              "launch.main_process_ip=127.0.0.1", "--set", f"launch.main_process_port={port}"]
+    runs = {rank: copy(prepared, tmp_path / f"machine-{rank}") for rank in (0, 1)}
+    procs = {rank: subprocess.Popen(
+        [sys.executable, "-c", "from runner.cli import main; main()", *args(run_dir), *common,
+         "--set", f"launch.machine_rank={rank}"],
+        cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for rank, run_dir in runs.items()}
+    outs = {rank: proc.communicate(timeout=600) for rank, proc in procs.items()}
+    for rank, proc in procs.items():
+        assert proc.returncode == 0, outs[rank]
+    assert "train: 2 processes on 2 machines (ddp, gloo on the CPU)" in outs[0][0]
+    assert (runs[0] / "adapter" / "adapter_model.safetensors").is_file()
+    assert outs[1][0].startswith("machine 1: runs the stages up to train; machine 0 writes the "
+                                 "adapter and the reports\n")
+    assert not (runs[1] / "adapter").exists() and not (runs[1] / "train" / "final").exists()
+    again = here(runs[1], *common, "--set", "launch.machine_rank=1")
+    assert again.exit_code == 0, again.output
+    assert "train: skipped (up to date)" in again.stdout
