@@ -2,7 +2,7 @@
 """GPU benchmark: the tutorial's configuration against the runner's fast configuration, on
 ChatGLM3-6B's shape with random weights, both through the runner's own stages (recipe run).
 
-    python bench/gpu.py [--steps-tutorial 12] [--steps 10] [--variants runner,runner-flex]
+    python bench/gpu.py [--steps-tutorial 12] [--steps 20] [--variants runner-sdpa,runner]
 
 One call on a GPU machine: builds the 6B-shape GLM from a config with random weights (the
 recipe option model.random_init), formats and tokenizes the shipped demo data (AdvertiseGen
@@ -10,14 +10,27 @@ length distribution), then for each configuration runs `recipe run --until train
 the train stage's steady-state metrics. Prints real tokens/s, samples/s, padded tokens/s, peak
 allocated/reserved GiB, useful MFU against a bf16 matmul ceiling it measures itself, the ratio
 to the tutorial, and the device; writes bench/results/gpu-<date>.json.
+
+The configurations are shipped recipes resolved by the runner's own loader (extends included):
+"tutorial" is recipes/adgen.toml with the tutorial's settings as overrides, "runner" is
+recipes/adgen-fast.toml as shipped, its variants change one setting. Every one gets the same
+local model, data, step count and logging (every step), nothing else. A numerics check compares
+the first logged losses of "runner" and "runner-sdpa" (same batches, another attention kernel;
+runner's row also carries its pad segment): PASS when they agree within --tolerance.
+
+--smoke runs a tiny model on the CPU to check the flow. FlexAttention has no backward on the
+CPU, so there a flex configuration runs sdpa with its own pad_to_multiple_of (the numerics
+check then compares padded against unpadded rows); the tutorial's fp16 runs in fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,43 +42,66 @@ sys.path.insert(0, str(ROOT))
 
 # ChatGLM3-6B (THUDM/chatglm3-6b config.json) in transformers' native GLM terms.
 GLM_6B = {
-    "model_type": "glm", "architectures": ["GlmForCausalLM"], "vocab_size": 65024,
-    "hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 28,
-    "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
-    "partial_rotary_factor": 0.5, "attention_bias": True, "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 8192, "rope_theta": 10000.0, "tie_word_embeddings": False,
-    "pad_token_id": 0, "eos_token_id": 2, "bos_token_id": 1,
+    "model_type": "glm",
+    "architectures": ["GlmForCausalLM"],
+    "vocab_size": 65024,
+    "hidden_size": 4096,
+    "intermediate_size": 13696,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "partial_rotary_factor": 0.5,
+    "attention_bias": True,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 8192,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "eos_token_id": 2,
+    "bos_token_id": 1,
 }
 
-# Recipe overrides per configuration, on top of recipes/adgen.toml.
-CONFIGS: dict[str, list[str]] = {
+# Per configuration: the shipped recipe it runs and the overrides on top of it.
+CONFIGS: dict[str, tuple[str, list[str]]] = {
     # The tutorial: every example padded to 512, batch 1 x accumulation 4, fp16, checkpointing,
     # peft's fp32 upcast. (fp16 autocast with an fp16 compute dtype: the tutorial's fp16 with a
     # bf16 compute dtype is refused by the recipe validator as a dtype mix.)
-    "tutorial": ["tokenize.max_length=512", "train.padding=max_length",
-                 "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=4",
-                 "train.fp16=true", "train.bf16=false", "train.gradient_checkpointing=true",
-                 "quantization.bnb_4bit_compute_dtype=float16", "quantization.upcast_to_fp32=true",
-                 "train.packing=false"],
-    # The runner's fast path: examples packed into long rows (position ids restart per example),
-    # 32 examples per micro-batch, bf16, non-reentrant checkpointing, no fp32 upcast.
-    "runner-sdpa": ["train.packing=true", "train.per_device_train_batch_size=32",
-                    "train.gradient_accumulation_steps=1", "train.gradient_checkpointing=true",
-                    "model.attn_implementation=sdpa"],
-    "runner": ["train.packing=true", "train.per_device_train_batch_size=32",
-               "train.gradient_accumulation_steps=1", "train.gradient_checkpointing=true",
-               "model.attn_implementation=flex_attention"],
-    "runner-b64": ["train.packing=true", "train.per_device_train_batch_size=64",
-                   "train.gradient_accumulation_steps=1", "train.gradient_checkpointing=true",
-                   "model.attn_implementation=flex_attention"],
-    "runner-b128": ["train.packing=true", "train.per_device_train_batch_size=128",
-                    "train.gradient_accumulation_steps=1", "train.gradient_checkpointing=true",
-                    "model.attn_implementation=flex_attention"],
+    "tutorial": (
+        "adgen.toml",
+        [
+            "tokenize.max_length=512",
+            "train.padding=max_length",
+            "train.per_device_train_batch_size=1",
+            "train.gradient_accumulation_steps=4",
+            "train.fp16=true",
+            "train.bf16=false",
+            "train.gradient_checkpointing=true",
+            "quantization.bnb_4bit_compute_dtype=float16",
+            "quantization.upcast_to_fp32=true",
+            "train.packing=false",
+        ],
+    ),
+    # The runner's fast path as shipped: 32 examples packed per row (position ids restart),
+    # flex_attention, rows padded to a multiple of 512 (auto), bf16, checkpointing.
+    "runner": ("adgen-fast.toml", []),
+    "runner-sdpa": ("adgen-fast.toml", ["model.attn_implementation=sdpa"]),
+    "runner-b64": ("adgen-fast.toml", ["train.per_device_train_batch_size=64"]),
+    "runner-b128": ("adgen-fast.toml", ["train.per_device_train_batch_size=128"]),
 }
+NUMERICS = ("runner", "runner-sdpa")  # same batches, another attention kernel
+ALLOC_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
-SMOKE = dict(GLM_6B, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-             num_attention_heads=4, head_dim=32, vocab_size=4000)
+SMOKE = dict(
+    GLM_6B,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    head_dim=32,
+    vocab_size=4000,
+)
 
 
 def prepare(work: Path, config: dict[str, Any]) -> Path:
@@ -83,22 +119,46 @@ def prepare(work: Path, config: dict[str, Any]) -> Path:
     return folder
 
 
-def recipe_file(work: Path, model: Path, steps: int) -> Path:
-    """recipes/adgen.toml with the model and data swapped for local ones."""
-    import tomllib
-
+def recipe_file(work: Path, model: Path, name: str) -> Path:
+    """recipes/<name> resolved by the runner (extends merged, as written: defaults stay
+    defaults) with the model and data swapped for local ones and logging at every step."""
     import tomli_w
 
-    data = tomllib.loads((ROOT / "recipes" / "adgen.toml").read_text(encoding="utf-8"))
-    data["model"] = {"name_or_path": str(model), "random_init": True}
-    data["dataset"] = {"path": str(ROOT / "data" / "adgen-demo"), "split": "train",
-                       "heldout_split": "dev[:8]"}
-    data["template"] = {k: str((ROOT / "recipes" / v).resolve()) for k, v in data["template"].items()}
+    from runner.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / name)
+    data = copy.deepcopy(recipe.written)
+    data["model"] = {**data.get("model", {}), "name_or_path": str(model), "random_init": True}
+    data["model"].pop("revision", None)
+    data["dataset"] = {
+        "path": str(ROOT / "data" / "adgen-demo"),
+        "split": "train",
+        "heldout_split": "dev[:8]",
+    }
+    data["template"] = {
+        k: str(recipe.resolve(v)) if k.endswith("_file") else v for k, v in data["template"].items()
+    }
     data["compare"] = {"num_examples": 0}
-    data["train"].update(max_steps=steps, save_steps=100000, logging_steps=1, report_to="none")
-    path = work / "bench-6b.toml"
+    data["train"].update(save_steps=100000, logging_steps=1, report_to="none")
+    path = work / f"bench-{Path(name).stem}.toml"
     path.write_text(tomli_w.dumps(data), encoding="utf-8")
     return path
+
+
+def overrides_for(name: str, recipe: Path, smoke: bool) -> list[str]:
+    """The configuration's overrides; with --smoke, flex_attention (no backward on the CPU)
+    becomes sdpa with the flex configuration's own pad_to_multiple_of, and fp16 fp32."""
+    from runner.data.collate import pad_multiple
+    from runner.recipe import load_recipe
+
+    overrides = list(CONFIGS[name][1])
+    resolved = load_recipe(recipe, overrides)
+    if smoke and resolved.get("model.attn_implementation") == "flex_attention":
+        multiple = pad_multiple(resolved, cuda=False)
+        overrides += ["model.attn_implementation=sdpa", f"train.pad_to_multiple_of={multiple}"]
+    if smoke and resolved.get("train.fp16"):  # fp16 autocast needs CUDA: fp32 on the CPU
+        overrides += ["train.fp16=false", "quantization.bnb_4bit_compute_dtype=float32"]
+    return overrides
 
 
 def matmul_ceiling() -> float:
@@ -121,14 +181,34 @@ def matmul_ceiling() -> float:
     return 2 * 8192**3 / times[len(times) // 2] / 1e12
 
 
-def run_config(name: str, recipe: Path, work: Path, steps: int) -> dict[str, Any]:
+def run_config(
+    name: str, recipe: Path, overrides: list[str], work: Path, steps: int
+) -> dict[str, Any]:
     run_dir = work / "runs" / name
-    cmd = [sys.executable, "-m", "runner.cli", "run", str(recipe), "--until", "train",
-           "--set", f"recipe.output_dir={run_dir}", "--set", f"train.max_steps={steps}",
-           *[x for o in CONFIGS[name] for x in ("--set", o)]]
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh measurement, not a skipped stage
+    cmd = [
+        sys.executable,
+        "-m",
+        "runner.cli",
+        "run",
+        str(recipe),
+        "--until",
+        "train",
+        "--set",
+        f"recipe.output_dir={run_dir}",
+        "--set",
+        f"train.max_steps={steps}",
+        *[x for o in overrides for x in ("--set", o)],
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if name == "tutorial" and not any(k in env for k in ALLOC_VARIABLES):
+        # The runner turns on expandable segments (runner/stages/__init__.py); the tutorial's
+        # script ran with PyTorch's default allocator.
+        from runner.stages import allocator_variable
+
+        env[allocator_variable() or "PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:False"
     t0 = time.monotonic()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     log = work / f"{name}.log"
     log.write_text(done.stdout + done.stderr)
     if done.returncode != 0:
@@ -139,62 +219,140 @@ def run_config(name: str, recipe: Path, work: Path, steps: int) -> dict[str, Any
     metrics = dict(state["metrics"])
     metrics["losses"] = [h["loss"] for h in losses if "loss" in h]
     metrics["wall_s"] = round(time.monotonic() - t0, 1)
+    metrics["recipe"] = {"file": f"recipes/{CONFIGS[name][0]}", "overrides": overrides}
     return metrics
 
 
+def numerics(curves: dict[str, list[float]], tolerance: float, first: int) -> dict[str, Any] | None:
+    """The first logged losses of the two NUMERICS configurations, side by side."""
+    a, b = NUMERICS
+    if a not in curves or b not in curves:
+        return None
+    pairs = list(zip(curves[a], curves[b], strict=False))[:first]
+    if not pairs:
+        return None
+    diff = max(abs(x - y) for x, y in pairs)
+    return {
+        "compared": f"{a} vs {b}",
+        "steps": len(pairs),
+        "max_abs_loss_diff": round(diff, 5),
+        "tolerance": tolerance,
+        "pass": diff <= tolerance,
+        "first": [round(x, 4) for x in pairs[0]],
+        "last": [round(x, 4) for x in pairs[-1]],
+    }
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--work", default="/tmp/recipe-bench", type=Path)
     parser.add_argument("--steps-tutorial", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--variants", default="runner-sdpa,runner")
-    parser.add_argument("--smoke", action="store_true", help="a tiny config on the CPU: checks the flow")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "results")))
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        help="training steps per runner configuration (3 are warm-up)",
+    )
+    parser.add_argument(
+        "--variants",
+        default="runner-sdpa,runner",
+        help=f"after the tutorial, any of: {', '.join(list(CONFIGS)[1:])}",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.02,
+        help="numerics check: largest |loss difference| runner vs runner-sdpa (bf16)",
+    )
+    parser.add_argument(
+        "--numerics-steps",
+        type=int,
+        default=10,
+        help="numerics check: how many of the first logged losses to compare",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny config on the CPU: checks the flow"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "results"))
+    )
     args = parser.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in CONFIGS or v == "tutorial"]
+    if unknown:
+        parser.error(
+            f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(list(CONFIGS)[1:])}"
+        )
 
     import torch
 
     os.environ.setdefault("RECIPE_CACHE", str(args.work / "cache"))
     args.work.mkdir(parents=True, exist_ok=True)
     model = prepare(args.work, SMOKE if args.smoke else GLM_6B)
-    recipe = recipe_file(args.work, model, args.steps)
+    recipes = {
+        f: recipe_file(args.work, model, f)
+        for f in {CONFIGS[n][0] for n in ["tutorial", *variants]}
+    }
     ceiling = matmul_ceiling() if torch.cuda.is_available() else float("nan")
     params = 6.24e9
     results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "date": dt.date.today().isoformat(),
-        "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft",
-                                                             "bitsandbytes", "datasets")},
-        "matmul_ceiling_tflops": round(ceiling, 1), "configs": {},
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": dt.date.today().isoformat(),
+        "versions": {
+            m: __import__(m).__version__
+            for m in ("torch", "transformers", "peft", "bitsandbytes", "datasets")
+        },
+        "allocator": {k: os.environ[k] for k in ALLOC_VARIABLES if k in os.environ}
+        or "runner default (expandable segments; tutorial: off)",
+        "matmul_ceiling_tflops": round(ceiling, 1),
+        "configs": {},
     }
-    for name in ["tutorial", *[v for v in args.variants.split(",") if v]]:
+    for name in ["tutorial", *variants]:
         steps = args.steps_tutorial if name == "tutorial" else args.steps
-        m = run_config(name, recipe, args.work, steps)
+        recipe = recipes[CONFIGS[name][0]]
+        m = run_config(name, recipe, overrides_for(name, recipe, args.smoke), args.work, steps)
         if "real_tokens_per_second" in m:
             # LoRA on a frozen base: forward 2N + input-gradient backward 2N FLOPs per token.
             m["useful_mfu"] = round(4 * params * m["real_tokens_per_second"] / (ceiling * 1e12), 4)
         results["configs"][name] = m
         print(name, json.dumps({k: v for k, v in m.items() if k != "losses"}), flush=True)
-    curves = {n: m.get("losses") for n, m in results["configs"].items() if m.get("losses")}
-    if "runner" in curves and "runner-sdpa" in curves:
-        diff = max(abs(a - b) for a, b in zip(curves["runner"], curves["runner-sdpa"]))
-        results["flex_vs_sdpa_max_loss_diff"] = round(diff, 5)
-        print(f"numerics: flex_attention vs sdpa (same batches), max |loss diff| over "
-              f"{len(curves['runner'])} steps: {diff:.5f}")
+    curves = {n: m["losses"] for n, m in results["configs"].items() if m.get("losses")}
+    check = numerics(curves, args.tolerance, args.numerics_steps)
+    if check is not None:
+        results["numerics"] = check
     base = results["configs"]["tutorial"].get("real_tokens_per_second")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"gpu-{results['date']}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\ndevice {results['device']}; bf16 matmul ceiling {ceiling:.0f} TFLOP/s; results {out}")
-    print(f"{'config':<16}{'real tok/s':>11}{'x tutorial':>11}{'samples/s':>10}{'padded tok/s':>13}"
-          f"{'peak alloc':>11}{'reserved':>9}{'MFU':>7}")
+    print(
+        f"{'config':<16}{'real tok/s':>11}{'x tutorial':>11}{'samples/s':>10}{'padded tok/s':>13}"
+        f"{'peak alloc':>11}{'reserved':>9}{'MFU':>7}{'lengths':>8}{'wall s':>8}"
+    )
     for name, m in results["configs"].items():
         if "error" in m:
             print(f"{name:<16} failed: {m['error'][:200]}")
             continue
+        if "real_tokens_per_second" not in m:
+            print(f"{name:<16} too few steps for a steady state ({m.get('global_step')})")
+            continue
         ratio = m["real_tokens_per_second"] / base if base else float("nan")
-        print(f"{name:<16}{m['real_tokens_per_second']:>11.0f}{ratio:>11.1f}{m['samples_per_second']:>10.2f}"
-              f"{m['padded_tokens_per_second']:>13.0f}{m.get('peak_allocated_gib', float('nan')):>11.1f}"
-              f"{m.get('peak_reserved_gib', float('nan')):>9.1f}{m['useful_mfu']:>7.1%}")
+        nan = float("nan")
+        print(
+            f"{name:<16}{m['real_tokens_per_second']:>11.0f}{ratio:>11.1f}"
+            f"{m['samples_per_second']:>10.2f}{m['padded_tokens_per_second']:>13.0f}"
+            f"{m.get('peak_allocated_gib', nan):>11.1f}{m.get('peak_reserved_gib', nan):>9.1f}"
+            f"{m['useful_mfu']:>7.1%}{m.get('batch_shapes', 0):>8}{m['wall_s']:>8.0f}"
+        )
+    if check is not None:
+        a, b = check["first"], check["last"]
+        print(
+            f"\nnumerics: {check['compared']} (same batches), first {check['steps']} logged "
+            f"losses: max |diff| {check['max_abs_loss_diff']:.5f}, tolerance {check['tolerance']}: "
+            f"{'PASS' if check['pass'] else 'FAIL'} (first {a[0]} / {a[1]}, last {b[0]} / {b[1]})"
+        )
+    elif set(NUMERICS) <= {"tutorial", *variants}:
+        print("\nnumerics: not checked (a configuration failed or logged no loss)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,15 @@
 
 The Trainer's own train_runtime includes start-up (CUDA context, first-step allocation,
 compilation); a benchmark wants the steady state, so steps before `warmup` are left out.
+
+Tokens are counted where the collator makes a batch: real tokens and samples from the rows it
+was given (before any padding: a packed row's pad segment is neither a token nor a sample),
+padded tokens from the batch it returns. A batch of a length not seen before makes compiled
+kernels (flex_attention) compile again: the steps around it (the step that collated it and the
+next, as the data loader collates one batch ahead) are left out of the steady state too, as
+long as that leaves at least half of the steps after warm-up; a run whose lengths are new at
+nearly every step (dynamic padding, packing without pad_to_multiple_of) compiles nothing per
+length, and all its steps count.
 """
 
 from __future__ import annotations
@@ -20,17 +29,27 @@ class Meter:
         self.padded = 0
         self.samples = 0
         self.marks: list[tuple[float, int, int, int]] = []  # (time, real, padded, samples)
+        self.shapes: set[tuple[int, ...]] = set()
+        self.new_shape_steps: set[int] = set()  # intervals (index into marks) with a new shape
 
-    def count(self, batch: dict[str, Any]) -> None:
+    def count(self, batch: dict[str, Any], features: list[dict[str, Any]] | None = None) -> None:
         ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        real = int(mask.sum()) if mask is not None else int(ids.numel())
-        self.real += real
-        self.padded += int(ids.numel())
-        if "position_ids" in batch and mask is None:  # packed rows: one sample per position 0
-            self.samples += int((batch["position_ids"] == 0).sum())
+        if features is not None:  # before padding: exact whatever the collator adds
+            rows = [len(f["input_ids"]) for f in features]
+            self.real += sum(rows)
+            self.samples += sum(1 for n in rows if n)
         else:
-            self.samples += int(ids.shape[0])
+            mask = batch.get("attention_mask")
+            self.real += int(mask.sum()) if mask is not None else int(ids.numel())
+            if "position_ids" in batch and mask is None:  # packed rows: one per position 0
+                self.samples += int((batch["position_ids"] == 0).sum())
+            else:
+                self.samples += int(ids.shape[0])
+        self.padded += int(ids.numel())
+        shape = tuple(ids.shape)
+        if shape not in self.shapes:
+            self.shapes.add(shape)
+            self.new_shape_steps.update((len(self.marks), len(self.marks) + 1))
 
     def step(self) -> None:
         import torch
@@ -39,17 +58,30 @@ class Meter:
             torch.cuda.synchronize()
         self.marks.append((time.perf_counter(), self.real, self.padded, self.samples))
 
+    def steady_steps(self) -> list[int]:
+        """Indices i of the intervals marks[i-1] -> marks[i] that make the steady state."""
+        window = list(range(self.warmup + 1, len(self.marks)))
+        warm = [i for i in window if i not in self.new_shape_steps]
+        return warm if 2 * len(warm) >= len(window) else window
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        if len(self.marks) > self.warmup + 1:
-            t0, r0, p0, s0 = self.marks[self.warmup]
-            t1, r1, p1, s1 = self.marks[-1]
-            dt = max(t1 - t0, 1e-9)
-            out.update(steady_steps=len(self.marks) - 1 - self.warmup,
-                       real_tokens_per_second=round((r1 - r0) / dt, 1),
-                       padded_tokens_per_second=round((p1 - p0) / dt, 1),
-                       samples_per_second=round((s1 - s0) / dt, 3),
-                       seconds_per_step=round(dt / (len(self.marks) - 1 - self.warmup), 4))
+        steps = self.steady_steps() if len(self.marks) > self.warmup + 1 else []
+        if steps:
+            totals = [0.0, 0, 0, 0]
+            for i in steps:
+                for k in range(4):
+                    totals[k] += self.marks[i][k] - self.marks[i - 1][k]
+            dt = max(totals[0], 1e-9)
+            out.update(
+                steady_steps=len(steps),
+                real_tokens_per_second=round(totals[1] / dt, 1),
+                padded_tokens_per_second=round(totals[2] / dt, 1),
+                samples_per_second=round(totals[3] / dt, 3),
+                seconds_per_step=round(dt / len(steps), 4),
+                steps_left_out=len(self.marks) - 1 - self.warmup - len(steps),
+                batch_shapes=len(self.shapes),
+            )
         out.update(memory())
         return out
 
@@ -60,17 +92,21 @@ def memory() -> dict[str, float]:
     if not torch.cuda.is_available():
         import resource
 
-        return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
-    return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+        return {
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+        }
+    return {
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+    }
 
 
 def counting(collator: Any, meter: Meter) -> Any:
-    """Wrap a data collator so every batch it makes is counted."""
+    """Wrap a data collator so every batch it makes is counted (real tokens from its rows)."""
 
     def collate(features: list[dict[str, Any]]) -> Any:
         batch = collator(features)
-        meter.count(batch)
+        meter.count(batch, features)
         return batch
 
     return collate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,32 @@ def test_plan_validate_help_do_not_import_torch(small_recipe: Path) -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code, str(small_recipe)], check=True)
+
+
+def test_stages_choose_expandable_segments_before_torch() -> None:
+    """Importing a stage sets the CUDA allocator to expandable segments (packed rows of varying
+    length fragment it) before torch is imported, and leaves a setting of the user's alone."""
+    code = (
+        "import os, sys\n"
+        "import runner.stages\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(os.environ.get(runner.stages.allocator_variable()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("ALLOC_CONF")}
+
+    def chosen(**extra: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    from runner.stages import allocator_variable
+
+    assert allocator_variable() == "PYTORCH_ALLOC_CONF"  # torch >= 2.9 (the old name warns)
+    assert chosen() == "expandable_segments:True"
+    assert chosen(PYTORCH_ALLOC_CONF="max_split_size_mb:128") == "max_split_size_mb:128"
+    assert chosen(PYTORCH_CUDA_ALLOC_CONF="expandable_segments:False") == "None"

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.data.collate import pad_multiple
 from runner.errors import RecipeError
 from runner.recipe import Recipe
 
@@ -281,11 +282,16 @@ def tokens_for(recipe: Recipe, cuda: bool) -> Tokens:
     if train.get("padding") == "max_length":
         peak = typical = max_length
         source += f"; padded to max_length {max_length}"
+    multiple = pad_multiple(recipe, cuda)  # the collator's rounding (train.pad_to_multiple_of)
+
+    def padded(n: int) -> int:
+        return multiple * math.ceil(n / multiple)
+
     if train.get("packing"):  # one row of the batch's examples: batch x mean tokens typically
         mean = round(lengths.get("mean") or typical)
-        return Tokens(1, batch * peak, batch * mean, source + "; packed", padding_mask=False)
-    if cuda:  # the collator pads to a multiple of 8 on a GPU
-        peak, typical = (8 * math.ceil(x / 8) for x in (peak, typical))
+        row, typical_row = padded(batch * peak), padded(batch * mean)
+        return Tokens(1, row, typical_row, source + "; packed", padding_mask=False)
+    peak, typical = padded(peak), padded(typical)
     return Tokens(batch, peak, typical, source, padding_mask=batch > 1)
 
 

@@ -52,8 +52,12 @@ def _unknown_key_messages(error: ValidationError) -> list[tuple[tuple[str | int,
 
 def _message(error: ValidationError) -> str:
     if error.validator == "anyOf" and error.context:
+        # The branch whose type the value has says what is wrong with it (0 for "integer >= 1
+        # or 'auto'" is below the minimum, not "not 'auto'").
+        mistyped = {e.schema_path[0] for e in error.context if e.validator == "type"}
+        typed = [e for e in error.context if e.schema_path[0] not in mistyped]
         not_type = [e for e in error.context if e.validator != "type"]
-        best = best_match(not_type or error.context)
+        best = best_match(typed or not_type or error.context)
         options = " or ".join(
             str(s.get("type") if "enum" not in s else " | ".join(map(repr, s["enum"])))
             for s in error.validator_value

@@ -310,7 +310,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from datasets import load_from_disk
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
-    from runner.data.collate import make_collator
+    from runner.data.collate import count_real_tokens, make_collator
     from runner.models.load import load_for_training, load_tokenizer
     from runner.models.resolve import materialize
 
@@ -344,6 +344,7 @@ def run(ctx: Context) -> dict[str, Any]:
                       eval_dataset=data["heldout"] if cfg["eval_steps"] else None,
                       data_collator=counting(collator, meter), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # our callback logs instead of printing dicts
+    count_real_tokens(trainer, collator)  # tokens seen: a packed row's pad segment left out
     fsdp = fsdp_ready(trainer)
     for hook in faults.trainer_hooks(trainer, ctx.run_dir,  # tests only
                                      lambda: flag["stop"] or ctx.path(STOP_FILE).exists()):
