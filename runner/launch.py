@@ -123,10 +123,9 @@ def cpu_threads(recipe: Recipe) -> int:
 
 
 def worker_env(cuda: bool) -> dict[str, str]:
+    """Ours, with unbuffered output (the allocator settings runner.stages chose come along)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cuda:
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     return env
 
 
