@@ -66,8 +66,11 @@ def stage_seconds(run_dir: Path) -> dict[str, float]:
 
 def demo(label: str, run_dir: Path, env: dict[str, str]) -> dict[str, Any]:
     seconds, done = timed(recipe("run", TINY, "--set", f"recipe.output_dir={run_dir}"), env)
-    built = "building the embedded tiny model" in done.stdout + done.stderr
-    return {"label": label, "seconds": seconds, "stages": stage_seconds(run_dir), "built": built}
+    output = done.stdout + done.stderr
+    skipped = output.count("skipped (up to date)")
+    stages = {} if skipped == len(STAGES) else stage_seconds(run_dir)
+    built = "building the embedded tiny model" in output
+    return {"label": label, "seconds": seconds, "stages": stages, "built": built}
 
 
 def load() -> str:
@@ -115,19 +118,21 @@ def main() -> int:
 
     wall, cpu = time.perf_counter() - t_start, children_cpu() - cpu_start
     cores = len(os.sched_getaffinity(0))
-    threads = env.get("OMP_NUM_THREADS")
+    threads = env["OMP_NUM_THREADS"]
+    usable = min(cores, int(threads)) if threads.isdigit() else cores
     print(
-        f"\ncpu: {cores} cores (OMP_NUM_THREADS={threads}), load average {load_before} before, "
-        f"{load()} after; the runs got {cpu / (wall * cores):.0%} of the cores' time (low: "
-        "others shared the CPU)"
+        f"\ncpu: {cores} cores, OMP_NUM_THREADS={threads}, load average {load_before} before, "
+        f"{load()} after; the runs got {cpu / (wall * usable):.0%} of {usable} core(s)' time "
+        "(low: others shared the CPU)"
     )
     print(f"python {sys.version.split()[0]}, {date_and_versions()}")
-    print(f"\n{'what':<48}{'wall s':>8}")
+    width = 58
+    print(f"\n{'what':<{width}}{'wall s':>8}")
     for label, seconds in startup.items():
-        print(f"{label + f' (median of {args.repeat})':<48}{seconds:>8.2f}")
+        print(f"{label + f' (median of {args.repeat})':<{width}}{seconds:>8.2f}")
     for run in runs:
-        stages = ", ".join(f"{s} {run['stages'][s]:.1f}" for s in STAGES)
-        print(f"{run['label']:<48}{run['seconds']:>8.1f}   stages: {stages}")
+        stages = ", ".join(f"{s} {run['stages'][s]:.1f}" for s in run["stages"])
+        print(f"{run['label']:<{width}}{run['seconds']:>8.1f}   stages: {stages or 'all skipped'}")
     return 0
 
 
