@@ -219,7 +219,8 @@ def run_config(
     metrics = dict(state["metrics"])
     metrics["losses"] = [h["loss"] for h in losses if "loss" in h]
     metrics["wall_s"] = round(time.monotonic() - t0, 1)
-    metrics["recipe"] = {"file": f"recipes/{CONFIGS[name][0]}", "overrides": overrides}
+    source = CONFIGS[name][0] if name in CONFIGS else CONFIGS["runner"][0]  # scaling runs
+    metrics["recipe"] = {"file": f"recipes/{source}", "overrides": overrides}
     return metrics
 
 
@@ -241,6 +242,41 @@ def numerics(curves: dict[str, list[float]], tolerance: float, first: int) -> di
         "first": [round(x, 4) for x in pairs[0]],
         "last": [round(x, 4) for x in pairs[-1]],
     }
+
+
+def scaling_runs(gpus: str, fsdp: int) -> list[tuple[str, str, list[str]]]:
+    """(name, configuration, extra overrides) of the multi-GPU runs of 'runner'."""
+    runs = [(f"runner-{n}gpu", "runner", [f"launch.num_processes={n}"])
+            for n in (int(x) for x in gpus.split(",") if x) if n > 1]
+    if fsdp:
+        runs.append((f"runner-fsdp-{fsdp}gpu", "runner", [
+            f"launch.num_processes={fsdp}", "launch.strategy=fsdp",
+            "quantization.bnb_4bit_compute_dtype=bfloat16",
+            "quantization.bnb_4bit_quant_storage=bfloat16", "train.optim=adamw_torch"]))
+    return runs
+
+
+def scaling_table(configs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Real tokens/s of 'runner' on 1 GPU and its multi-GPU runs: speed-up, efficiency."""
+    one = configs.get("runner", {}).get("real_tokens_per_second")
+    if not one:
+        return []
+    rows = []
+    for name, m in configs.items():
+        if not (name == "runner" or (name.startswith("runner-") and name.endswith("gpu"))):
+            continue
+        if "real_tokens_per_second" not in m:
+            continue
+        gpus = int(m.get("processes", 1))
+        rate = m["real_tokens_per_second"]
+        rows.append({
+            "config": name, "gpus": gpus, "real_tokens_per_second": rate,
+            "per_gpu": rate / gpus, "speedup": rate / one, "efficiency": rate / one / gpus,
+            "peak_allocated_gib": m.get("peak_allocated_gib", float("nan")),
+            "peak_reserved_gib": m.get("peak_reserved_gib", float("nan")),
+            "per_process_real_tokens_per_second": m.get("real_tokens_per_second_per_process"),
+        })
+    return rows
 
 
 def main() -> None:
@@ -273,6 +309,21 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="a tiny config on the CPU: checks the flow"
     )
+    parser.add_argument(
+        "--gpus",
+        default="",
+        help="scaling: run 'runner' again with `recipe run --gpus N` for each N (e.g. 2,4); "
+        "same per-GPU micro-batch, DDP",
+    )
+    parser.add_argument(
+        "--fsdp",
+        type=int,
+        default=0,
+        help="scaling: one FSDP-QLoRA run of 'runner' on this many GPUs (bf16 quant storage, "
+        "adamw_torch)",
+    )
+    parser.add_argument("--no-tutorial", action="store_true", help="skip the tutorial row")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     parser.add_argument(
         "--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "results"))
     )
@@ -307,10 +358,15 @@ def main() -> None:
         "matmul_ceiling_tflops": round(ceiling, 1),
         "configs": {},
     }
-    for name in ["tutorial", *variants]:
+    runs = [(n, n, []) for n in ([] if args.no_tutorial else ["tutorial"]) + variants]
+    runs += scaling_runs(args.gpus, args.fsdp)
+    if "runner" not in recipes and len(runs) > len(variants) + 1:
+        recipes[CONFIGS["runner"][0]] = recipe_file(args.work, model, CONFIGS["runner"][0])
+    for name, config, extra in runs:
         steps = args.steps_tutorial if name == "tutorial" else args.steps
-        recipe = recipes[CONFIGS[name][0]]
-        m = run_config(name, recipe, overrides_for(name, recipe, args.smoke), args.work, steps)
+        recipe = recipes[CONFIGS[config][0]]
+        overrides = overrides_for(config, recipe, args.smoke) + extra
+        m = run_config(name, recipe, overrides, args.work, steps)
         if "real_tokens_per_second" in m:
             # LoRA on a frozen base: forward 2N + input-gradient backward 2N FLOPs per token.
             m["useful_mfu"] = round(4 * params * m["real_tokens_per_second"] / (ceiling * 1e12), 4)
@@ -320,9 +376,9 @@ def main() -> None:
     check = numerics(curves, args.tolerance, args.numerics_steps)
     if check is not None:
         results["numerics"] = check
-    base = results["configs"]["tutorial"].get("real_tokens_per_second")
+    base = results["configs"].get("tutorial", {}).get("real_tokens_per_second")
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"gpu-{results['date']}.json"
+    out = args.out / f"gpu-{results['date']}{'-' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\ndevice {results['device']}; bf16 matmul ceiling {ceiling:.0f} TFLOP/s; results {out}")
     print(
@@ -353,6 +409,16 @@ def main() -> None:
         )
     elif set(NUMERICS) <= {"tutorial", *variants}:
         print("\nnumerics: not checked (a configuration failed or logged no loss)")
+    scaling = scaling_table(results["configs"])
+    if scaling:
+        results["scaling"] = scaling
+        out.write_text(json.dumps(results, indent=2))
+        print(f"\n{'scaling':<16}{'GPUs':>5}{'real tok/s':>11}{'per GPU':>9}{'speed-up':>9}"
+              f"{'efficiency':>11}{'peak alloc/GPU':>15}{'reserved/GPU':>13}")
+        for row in scaling:
+            print(f"{row['config']:<16}{row['gpus']:>5}{row['real_tokens_per_second']:>11.0f}"
+                  f"{row['per_gpu']:>9.0f}{row['speedup']:>9.2f}{row['efficiency']:>11.0%}"
+                  f"{row['peak_allocated_gib']:>15.1f}{row['peak_reserved_gib']:>13.1f}")
 
 
 if __name__ == "__main__":
