@@ -371,6 +371,9 @@ def main() -> None:
             # LoRA on a frozen base: forward 2N + input-gradient backward 2N FLOPs per token.
             m["useful_mfu"] = round(4 * params * m["real_tokens_per_second"] / (ceiling * 1e12), 4)
         results["configs"][name] = m
+        partial = args.out / f"gpu-{results['date']}{'-' + args.tag if args.tag else ''}.json"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(results, indent=2))  # kept if a later config runs out of time
         print(name, json.dumps({k: v for k, v in m.items() if k != "losses"}), flush=True)
     curves = {n: m["losses"] for n, m in results["configs"].items() if m.get("losses")}
     check = numerics(curves, args.tolerance, args.numerics_steps)

@@ -153,6 +153,10 @@ def run_train(ctx: Context) -> dict[str, Any]:
     out_dir = attempt_dir(ctx.run_dir, ctx.fingerprint)
     resume = start_attempt(ctx, out_dir)
     cuda = release_gpu(ctx)
+    if recipe.get("launch.strategy") == "fsdp" and not cuda:
+        raise RecipeError(f"{recipe.origin('launch.strategy')}: $.launch.strategy: FSDP needs "
+                          "CUDA GPUs and none is visible here; use strategy = \"ddp\" (gloo "
+                          "processes) on a machine without GPUs")
     launch_dir = ctx.path(LAUNCH_DIR)
     shutil.rmtree(launch_dir, ignore_errors=True)
     launch_dir.mkdir(parents=True)
