@@ -71,7 +71,7 @@ def training_arguments(ctx: Context, output_dir: str) -> Any:
     if ctx.world_size > 1:  # LoRA on every target layer: each trainable parameter gets a grad
         kwargs["ddp_find_unused_parameters"] = False
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.path("logs/tensorboard"))
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=output_dir,
         bf16=bf16,
         seed=recipe.seed,
@@ -85,6 +85,17 @@ def training_arguments(ctx: Context, output_dir: str) -> Any:
         **evaluation_arguments(cfg),
         **kwargs,
     )
+    return one_gpu_per_process(args)
+
+
+def one_gpu_per_process(args: Any) -> Any:
+    """A single process on a machine with several GPUs: the Trainer would wrap the model in
+    nn.DataParallel and multiply the batch by the GPU count (per_device_train_batch_size x 4 on
+    4 GPUs) while the quantized model sits on GPU 0 alone. One process trains on one GPU; several
+    GPUs are `--gpus N` (one process each)."""
+    if getattr(args, "n_gpu", 0) > 1 and getattr(args, "world_size", 1) == 1:
+        args._n_gpu = 1
+    return args
 
 
 def evaluation_arguments(cfg: dict[str, Any]) -> dict[str, Any]:
