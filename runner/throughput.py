@@ -58,15 +58,18 @@ class Meter:
             torch.cuda.synchronize()
         self.marks.append((time.perf_counter(), self.real, self.padded, self.samples))
 
-    def steady_steps(self) -> list[int]:
-        """Indices i of the intervals marks[i-1] -> marks[i] that make the steady state."""
+    def steady_steps(self, new_shape_steps: set[int] | None = None) -> list[int]:
+        """Indices i of the intervals marks[i-1] -> marks[i] that make the steady state.
+        `new_shape_steps`: the steps to leave out, when several processes train in lockstep
+        (any rank's compilation stalls every rank: the union of theirs)."""
         window = list(range(self.warmup + 1, len(self.marks)))
-        warm = [i for i in window if i not in self.new_shape_steps]
+        left_out = self.new_shape_steps if new_shape_steps is None else new_shape_steps
+        warm = [i for i in window if i not in left_out]
         return warm if 2 * len(warm) >= len(window) else window
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, new_shape_steps: set[int] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        steps = self.steady_steps() if len(self.marks) > self.warmup + 1 else []
+        steps = self.steady_steps(new_shape_steps) if len(self.marks) > self.warmup + 1 else []
         if steps:
             totals = [0.0, 0, 0, 0]
             for i in steps:

@@ -60,8 +60,14 @@ def main(spec_path: str) -> int:
     try:
         recipe = load_recipe(spec["recipe"], tuple(spec["overrides"]))
         quiet_libraries()
-        ctx = Context(recipe=recipe, run_dir=run_dir, echo=echo, fingerprint=spec["fingerprint"],
-                      rank=rank, world_size=world)
+        ctx = Context(
+            recipe=recipe,
+            run_dir=run_dir,
+            echo=echo,
+            fingerprint=spec["fingerprint"],
+            rank=rank,
+            world_size=world,
+        )
         if spec["status"] is not None:
             from types import SimpleNamespace
 
@@ -72,8 +78,9 @@ def main(spec_path: str) -> int:
         metrics = train.run(ctx)
     except Interrupted:
         if rank == 0:
-            write_json_atomic(launch_dir / "result.json",
-                              {"interrupted": ctx.memo.get("stopped_at_step")})
+            write_json_atomic(
+                launch_dir / "result.json", {"interrupted": ctx.memo.get("stopped_at_step")}
+            )
         return 0
     except RecipeError as e:
         report(launch_dir, rank, "\n".join(e.lines), recipe_error=True)
@@ -87,6 +94,10 @@ def main(spec_path: str) -> int:
         return 1
     if rank == 0:
         write_json_atomic(launch_dir / "result.json", {"metrics": metrics})
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

@@ -32,9 +32,20 @@ from runner.throughput import Meter, counting
 
 # Keys of [train] that go to TrainingArguments unchanged.
 PASSTHROUGH = (
-    "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
-    "learning_rate", "lr_scheduler_type", "weight_decay", "max_grad_norm", "optim", "fp16",
-    "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "fp16",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "dataloader_num_workers",
 )
 
 
@@ -49,7 +60,11 @@ def versioned_arguments(cfg: dict[str, Any], fields: set[str]) -> dict[str, Any]
         out["group_by_length"] = cfg["group_by_length"]
     elif cfg["group_by_length"]:
         out["train_sampling_strategy"] = "group_by_length"
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    ckpt = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in fields
+        else "gradient_checkpointing"
+    )
     out[ckpt] = cfg["gradient_checkpointing"]
     out[f"{ckpt}_kwargs"] = {"use_reentrant": False}
     return out
@@ -104,12 +119,17 @@ def evaluation_arguments(cfg: dict[str, Any]) -> dict[str, Any]:
     if not cfg["eval_steps"]:
         return {"eval_strategy": "no"}
     out: dict[str, Any] = {
-        "eval_strategy": "steps", "eval_steps": cfg["eval_steps"], "prediction_loss_only": True,
+        "eval_strategy": "steps",
+        "eval_steps": cfg["eval_steps"],
+        "prediction_loss_only": True,
         "per_device_eval_batch_size": cfg["per_device_train_batch_size"],
     }
     if cfg["early_stopping_patience"]:
-        out |= {"metric_for_best_model": "eval_loss", "greater_is_better": False,
-                "restore_callback_states_from_checkpoint": True}  # patience survives a resume
+        out |= {
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+            "restore_callback_states_from_checkpoint": True,
+        }  # patience survives a resume
     return out
 
 
@@ -128,14 +148,15 @@ def agreed_stop(ctx: Context, stop_flag: dict[str, bool], device: Any) -> bool:
     return stop_flag["stop"]
 
 
-def make_callback(ctx: Context, stop_flag: dict[str, bool], meter: Meter,
-                  progress: TrainProgress) -> Any:
+def make_callback(
+    ctx: Context, stop_flag: dict[str, bool], meter: Meter, progress: TrainProgress
+) -> Any:
     from transformers import TrainerCallback
 
     class RunnerCallback(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if ctx.is_main:
-                    progress.start(state.max_steps, state.global_step, state.num_input_tokens_seen)
+                progress.start(state.max_steps, state.global_step, state.num_input_tokens_seen)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if logs and ctx.is_main:
@@ -165,8 +186,10 @@ def interrupt_flag() -> tuple[dict[str, bool], Any]:
         if flag["stop"]:
             raise KeyboardInterrupt
         flag["stop"] = True
-        print("\ninterrupt: saving a checkpoint after this step (again to stop at once)",
-              file=sys.stderr)
+        print(
+            "\ninterrupt: saving a checkpoint after this step (again to stop at once)",
+            file=sys.stderr,
+        )
 
     for s in previous:
         signal.signal(s, handler)
@@ -191,17 +214,29 @@ def start_attempt(ctx: Context, out_dir: Path) -> Path | None:
         ctx.log(f"train: resumed from checkpoint {step_of(resume)} ({resume})")
     elif st is not None and (found := changed_settings(ctx.run_dir, st)) is not None:
         folder, record, why = found
-        ctx.log(f"train: starting fresh in attempt {out_dir.name}; "
-                f"{describe_attempt(folder, record)} was made with other settings and is not "
-                f"resumed: {'; '.join(why)}")
+        ctx.log(
+            f"train: starting fresh in attempt {out_dir.name}; "
+            f"{describe_attempt(folder, record)} was made with other settings and is not "
+            f"resumed: {'; '.join(why)}"
+        )
     elif others := other_attempts(ctx.run_dir, out_dir.name):  # attempts older than attempt.json
-        ctx.log("train: starting fresh; checkpoints of earlier attempts were made with other "
-                f"settings and are not resumed: {', '.join(others)}")
+        ctx.log(
+            "train: starting fresh; checkpoints of earlier attempts were made with other "
+            f"settings and are not resumed: {', '.join(others)}"
+        )
     if st is not None and (resume is None or read_attempt(out_dir) is None):
-        write_attempt(out_dir, {
-            "fingerprint": st.fingerprint, "params": st.params, "inputs": st.inputs,
-            "upstream": st.upstream, "libraries": st.libraries, "finished": False,
-            "started": dt.datetime.now(dt.timezone.utc).isoformat()})
+        write_attempt(
+            out_dir,
+            {
+                "fingerprint": st.fingerprint,
+                "params": st.params,
+                "inputs": st.inputs,
+                "upstream": st.upstream,
+                "libraries": st.libraries,
+                "finished": False,
+                "started": dt.datetime.now(dt.timezone.utc).isoformat(),
+            },
+        )
     return resume
 
 
@@ -216,10 +251,16 @@ def disk_full(out_dir: Path, step: int, error: BaseException) -> StageError:
     need = path_size(previous) if previous is not None else None
     needs = f", a checkpoint needs about {need / 2**20:.1f} MiB" if need else ""
     resumes = f"resumes from checkpoint {step_of(previous)}" if previous else "starts over"
-    where = (f"saving checkpoint {step} to {partial}" if saving else
-             f"writing {getattr(error, 'filename', None) or out_dir} at step {step}")
-    return StageError("train", f"disk full while {where} ({free / 2**20:.1f} MiB free{needs}); "
-                               f"free space and run again (it {resumes})")
+    where = (
+        f"saving checkpoint {step} to {partial}"
+        if saving
+        else f"writing {getattr(error, 'filename', None) or out_dir} at step {step}"
+    )
+    return StageError(
+        "train",
+        f"disk full while {where} ({free / 2**20:.1f} MiB free{needs}); "
+        f"free space and run again (it {resumes})",
+    )
 
 
 def keep_training_layout(model: Any) -> None:
@@ -238,8 +279,9 @@ def is_last_step(checkpoint: Path) -> bool:
     return bool(state.get("max_steps")) and state["global_step"] >= state["max_steps"]
 
 
-def reuse_last_checkpoint(ctx: Context, trainer: Any, checkpoint: Path, out_dir: Path,
-                          fsdp: bool = False) -> dict[str, Any]:
+def reuse_last_checkpoint(
+    ctx: Context, trainer: Any, checkpoint: Path, out_dir: Path, fsdp: bool = False
+) -> dict[str, Any]:
     """Training had finished (its state file was lost or corrupt): resuming from the last step's
     checkpoint would train one step past max_steps (transformers checks after a step), so take
     its weights and log as they are."""
@@ -256,10 +298,13 @@ def reuse_last_checkpoint(ctx: Context, trainer: Any, checkpoint: Path, out_dir:
         write_attempt(out_dir, {**(read_attempt(out_dir) or {}), "finished": True})
         write_json_atomic(ctx.path("train/log_history.json"), history)
     losses = [h["loss"] for h in history if "loss" in h]
-    return {"global_step": trainer.state.global_step, "resumed_from": checkpoint.name,
-            "first_logged_loss": losses[0] if losses else None,
-            "last_logged_loss": losses[-1] if losses else None,
-            "tokens_seen": trainer.state.num_input_tokens_seen}
+    return {
+        "global_step": trainer.state.global_step,
+        "resumed_from": checkpoint.name,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+    }
 
 
 def describe_launch(recipe: Any, cuda: bool) -> str:
@@ -272,17 +317,23 @@ def describe_launch(recipe: Any, cuda: bool) -> str:
     where = "one per GPU" if cuda else "gloo on the CPU"
     machines = recipe.get("launch.num_machines")
     on = f" on {machines} machines" if machines > 1 else ""
-    return (f"{n} processes{on} ({recipe.get('launch.strategy')}, {where}), global batch "
-            f"{per} x {acc} x {n} = {per * acc * n} examples per step")
+    return (
+        f"{n} processes{on} ({recipe.get('launch.strategy')}, {where}), global batch "
+        f"{per} x {acc} x {n} = {per * acc * n} examples per step"
+    )
 
 
 def merged_meter(ctx: Context, meter: Meter) -> dict[str, Any]:
     """The throughput of all ranks: rates summed, memory the largest of any GPU."""
-    summary = meter.summary()
     if ctx.world_size == 1:
-        return summary
+        return meter.summary()
     import torch.distributed as dist
 
+    # The ranks step in lockstep: a step where any rank compiled for a new length is slow for
+    # all of them, so every rank leaves out the union of those steps.
+    compiled: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(compiled, sorted(meter.new_shape_steps))
+    summary = meter.summary(set().union(*map(set, compiled)))
     every: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(every, summary)
     merged = dict(summary)
@@ -348,17 +399,25 @@ def run(ctx: Context) -> dict[str, Any]:
     echo, ctx.echo = ctx.echo, progress.printer(ctx.echo)  # lines above the bar on a terminal
     callbacks = [make_callback(ctx, flag, meter, progress)]
     if cfg["early_stopping_patience"]:
-        callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"],
-                                               cfg["early_stopping_threshold"]))
-    trainer = Trainer(model=model, args=args,
-                      train_dataset=data["train"],
-                      eval_dataset=data["heldout"] if cfg["eval_steps"] else None,
-                      data_collator=counting(collator, meter), callbacks=callbacks)
+        callbacks.append(
+            EarlyStoppingCallback(cfg["early_stopping_patience"], cfg["early_stopping_threshold"])
+        )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["heldout"] if cfg["eval_steps"] else None,
+        data_collator=counting(collator, meter),
+        callbacks=callbacks,
+    )
     trainer.remove_callback(PrinterCallback)  # our callback logs instead of printing dicts
     count_real_tokens(trainer, collator)  # tokens seen: a packed row's pad segment left out
     fsdp = fsdp_ready(trainer)
-    for hook in faults.trainer_hooks(trainer, ctx.run_dir,  # tests only
-                                     lambda: flag["stop"] or ctx.path(STOP_FILE).exists()):
+    for hook in faults.trainer_hooks(
+        trainer,
+        ctx.run_dir,  # tests only
+        lambda: flag["stop"] or ctx.path(STOP_FILE).exists(),
+    ):
         trainer.callback_handler.callbacks.insert(0, hook)
     if cfg["eval_steps"]:
         keep_training_layout(model)
@@ -378,13 +437,17 @@ def run(ctx: Context) -> dict[str, Any]:
         restore()
     if flag["stop"]:
         ctx.memo["stopped_at_step"] = trainer.state.global_step
-        ctx.log(f"train: interrupted at step {trainer.state.global_step}; checkpoint saved, "
-                "`recipe run` resumes")
+        ctx.log(
+            f"train: interrupted at step {trainer.state.global_step}; checkpoint saved, "
+            "`recipe run` resumes"
+        )
         raise Interrupted("train")
     if cfg["early_stopping_patience"] and trainer.state.global_step < trainer.state.max_steps:
-        ctx.log(f"train: stopped early at step {trainer.state.global_step}: the held-out loss did "
-                f"not improve for {cfg['early_stopping_patience']} evaluations "
-                f"(best {trainer.state.best_metric or float('nan'):.4f})")
+        ctx.log(
+            f"train: stopped early at step {trainer.state.global_step}: the held-out loss did "
+            f"not improve for {cfg['early_stopping_patience']} evaluations "
+            f"(best {trainer.state.best_metric or float('nan'):.4f})"
+        )
     save_final(ctx, trainer, fsdp)
     throughput = merged_meter(ctx, meter)
     history = trainer.state.log_history
@@ -404,9 +467,14 @@ def run(ctx: Context) -> dict[str, Any]:
         "dataset_tokens": tokens,
         "tokens_seen": trainer.state.num_input_tokens_seen,
         **throughput,
-        "average_tokens_per_second": round(trainer.state.num_input_tokens_seen
-                                        / max(result.metrics.get("train_runtime") or 1e-9, 1e-9), 1),
+        "average_tokens_per_second": round(
+            trainer.state.num_input_tokens_seen
+            / max(result.metrics.get("train_runtime") or 1e-9, 1e-9),
+            1,
+        ),
     }
-    ctx.log(f"train: {metrics['global_step']} steps, loss {metrics['first_logged_loss']} -> "
-            f"{metrics['last_logged_loss']}")
+    ctx.log(
+        f"train: {metrics['global_step']} steps, loss {metrics['first_logged_loss']} -> "
+        f"{metrics['last_logged_loss']}"
+    )
     return metrics

@@ -1,0 +1,36 @@
+"""Steady-state throughput: warm-up and compile steps left out, also another rank's."""
+
+from __future__ import annotations
+
+from runner.throughput import Meter
+
+
+def meter_with(times: list[float], tokens_per_step: int = 100) -> Meter:
+    meter = Meter(pad_id=0, warmup=1)
+    t = 0.0
+    meter.marks.append((t, 0, 0, 0))
+    for i, dt in enumerate(times, start=1):
+        t += dt
+        meter.marks.append((t, i * tokens_per_step, i * tokens_per_step, i))
+    return meter
+
+
+def test_own_compile_steps_are_left_out() -> None:
+    meter = meter_with([9.0, 1.0, 1.0, 5.0, 1.0, 1.0, 1.0])
+    meter.new_shape_steps = {4}
+    summary = meter.summary()
+    assert summary["steady_steps"] == 5 and summary["steps_left_out"] == 1
+    assert summary["real_tokens_per_second"] == 100.0
+
+
+def test_another_ranks_compile_stall_is_left_out_too() -> None:
+    """In lockstep, rank 1 compiling at step 4 makes step 4 slow on rank 0 as well."""
+    meter = meter_with([9.0, 1.0, 1.0, 5.0, 1.0, 1.0, 1.0])
+    assert meter.summary()["real_tokens_per_second"] == round(600 / 10.0, 1)  # stall counted
+    assert meter.summary({4})["real_tokens_per_second"] == 100.0
+
+
+def test_a_run_compiling_at_most_steps_keeps_them_all() -> None:
+    meter = meter_with([9.0, 2.0, 2.0, 2.0, 2.0])
+    summary = meter.summary({2, 3, 4})
+    assert summary["steady_steps"] == 4 and summary["real_tokens_per_second"] == 50.0
