@@ -169,6 +169,6 @@ def refuse_abandoning(recipe: Any, current: Any) -> None:
         return  # nothing to resume there: starting fresh loses nothing
     raise RecipeError(
         f"{recipe.run_dir}: train: {describe_attempt(folder, record)} would be abandoned: "
-        f"{'; '.join(why)}; train.on_changed_settings is \"refuse\": undo the change to resume "
+        f'{"; ".join(why)}; train.on_changed_settings is "refuse": undo the change to resume '
         "it, or pass --set train.on_changed_settings=restart to start a new attempt"
     )

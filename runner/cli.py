@@ -49,22 +49,35 @@ def reported(func: F) -> F:
         except StageError as e:
             raise StageFailed(f"error: stage {e.stage} failed: {e.message}") from None
         except Interrupted as e:
-            raise RunInterrupted(f"interrupted during {e}; state saved, `recipe run` resumes") from None
+            raise RunInterrupted(
+                f"interrupted during {e}; state saved, `recipe run` resumes"
+            ) from None
         except KeyboardInterrupt:
             raise RunInterrupted("interrupted") from None
 
     return wrapper  # type: ignore[return-value]
 
 
-recipe_arg = click.argument("recipe_file", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
-set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                       help="Override a recipe key, e.g. --set lora.r=16 (repeatable).")
+recipe_arg = click.argument(
+    "recipe_file", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path)
+)
+set_opt = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a recipe key, e.g. --set lora.r=16 (repeatable).",
+)
 
 
 gpus_opt = click.option(
-    "--gpus", "gpus", type=click.IntRange(min=1), metavar="N",
+    "--gpus",
+    "gpus",
+    type=click.IntRange(min=1),
+    metavar="N",
     help="Train in N processes, one per GPU, through accelerate (the same as "
-         "--set launch.num_processes=N); the other stages run once.")
+    "--set launch.num_processes=N); the other stages run once.",
+)
 
 
 def with_gpus(overrides: tuple[str, ...], gpus: int | None) -> tuple[str, ...]:
@@ -85,12 +98,22 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("recipe_files", metavar="RECIPE...", nargs=-1, required=True,
-                type=click.Path(dir_okay=False, path_type=Path))
+@click.argument(
+    "recipe_files",
+    metavar="RECIPE...",
+    nargs=-1,
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
 @set_opt
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
-              show_default=True,
-              help="json: a list of {file, line, path, message} on stdout, for CI systems.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: a list of {file, line, path, message} on stdout, for CI systems.",
+)
 @reported
 def validate(recipe_files: tuple[Path, ...], overrides: tuple[str, ...], fmt: str) -> None:
     """Check recipes against the schema; print every problem as FILE:LINE: $.key: message.
@@ -117,9 +140,13 @@ def validate(recipe_files: tuple[Path, ...], overrides: tuple[str, ...], fmt: st
 @cli.command()
 @recipe_arg
 @set_opt
-@click.option("--model", "model", is_flag=True,
-              help="Also build the model on the meta device from its config (imports torch, reads "
-                   "no weights): LoRA targets checked, trainable params, a memory estimate.")
+@click.option(
+    "--model",
+    "model",
+    is_flag=True,
+    help="Also build the model on the meta device from its config (imports torch, reads "
+    "no weights): LoRA targets checked, trainable params, a memory estimate.",
+)
 @gpus_opt
 @reported
 def plan(recipe_file: Path, overrides: tuple[str, ...], model: bool, gpus: int | None) -> None:
@@ -148,16 +175,28 @@ def plan(recipe_file: Path, overrides: tuple[str, ...], model: bool, gpus: int |
 @recipe_arg
 @set_opt
 @click.option("--force", is_flag=True, help="Reuse a run directory that belongs to another recipe.")
-@click.option("--locked", is_flag=True,
-              help="Refuse to run when the model, data, templates or library versions "
-                   "differ from RECIPE.lock.")
-@click.option("--until", "until", type=click.Choice(["format", "tokenize", "quantize-load", "train",
-                                                     "save", "compare"]),
-              help="Stop after this stage.")
+@click.option(
+    "--locked",
+    is_flag=True,
+    help="Refuse to run when the model, data, templates or library versions "
+    "differ from RECIPE.lock.",
+)
+@click.option(
+    "--until",
+    "until",
+    type=click.Choice(["format", "tokenize", "quantize-load", "train", "save", "compare"]),
+    help="Stop after this stage.",
+)
 @gpus_opt
 @reported
-def run(recipe_file: Path, overrides: tuple[str, ...], force: bool, locked: bool,
-        until: str | None, gpus: int | None) -> None:
+def run(
+    recipe_file: Path,
+    overrides: tuple[str, ...],
+    force: bool,
+    locked: bool,
+    until: str | None,
+    gpus: int | None,
+) -> None:
     """Run the stages that are not up to date, then print the before/after table."""
     from runner.run import run_recipe
 
@@ -208,8 +247,10 @@ def status(recipe_file: Path, overrides: tuple[str, ...], gpus: int | None) -> N
     for st in compute_plan(recipe):
         state = st.state or {}
         when = f"{state.get('started', '-')} .. {state.get('ended') or '-'}"
-        click.echo(f"  {st.name:<14} {st.status:<8} last: {state.get('status', 'never ran'):<11} "
-                   f"{when}  fingerprint {state.get('fingerprint', '-')}")
+        click.echo(
+            f"  {st.name:<14} {st.status:<8} last: {state.get('status', 'never ran'):<11} "
+            f"{when}  fingerprint {state.get('fingerprint', '-')}"
+        )
         if st.reasons:
             click.echo(f"      why: {'; '.join(st.reasons)}")
         metrics = state.get("metrics") or {}
@@ -217,22 +258,41 @@ def status(recipe_file: Path, overrides: tuple[str, ...], gpus: int | None) -> N
         for line in readable or []:
             click.echo(f"      {line}")
         if metrics and readable is None:
-            click.echo(f"      metrics: {json.dumps(metrics, ensure_ascii=False, sort_keys=True)[:400]}")
+            click.echo(
+                f"      metrics: {json.dumps(metrics, ensure_ascii=False, sort_keys=True)[:400]}"
+            )
 
 
 @cli.command()
 @recipe_arg
 @set_opt
-@click.option("-n", "--examples", "n", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Training examples to show.")
-@click.option("--rows", "lint_rows", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Training rows the lint checks.")
-@click.option("--plain", is_flag=True,
-              help="Mark masked tokens with [masked]...[/masked] instead of colours "
-                   "(the default when stdout is not a terminal).")
+@click.option(
+    "-n",
+    "--examples",
+    "n",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Training examples to show.",
+)
+@click.option(
+    "--rows",
+    "lint_rows",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Training rows the lint checks.",
+)
+@click.option(
+    "--plain",
+    is_flag=True,
+    help="Mark masked tokens with [masked]...[/masked] instead of colours "
+    "(the default when stdout is not a terminal).",
+)
 @reported
-def inspect(recipe_file: Path, overrides: tuple[str, ...], n: int, lint_rows: int,
-            plain: bool) -> None:
+def inspect(
+    recipe_file: Path, overrides: tuple[str, ...], n: int, lint_rows: int, plain: bool
+) -> None:
     """Show rendered examples, which tokens are trained and which masked, and data warnings;
     runs nothing and writes nothing into the run directory."""
     from runner.data.inspection import inspect_recipe
@@ -272,10 +332,21 @@ def lock(recipe_file: Path) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option("--from", "starter", type=click.Choice(["adgen", "adgen-tiny"]), default="adgen",
-              show_default=True, help="adgen: ChatGLM3-6B on a GPU; adgen-tiny: tiny model, CPU.")
-@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("."), help="Folder to write into (default: the current one).")
+@click.option(
+    "--from",
+    "starter",
+    type=click.Choice(["adgen", "adgen-tiny"]),
+    default="adgen",
+    show_default=True,
+    help="adgen: ChatGLM3-6B on a GPU; adgen-tiny: tiny model, CPU.",
+)
+@click.option(
+    "--dir",
+    "folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    help="Folder to write into (default: the current one).",
+)
 @reported
 def new(name: str, starter: str, folder: Path) -> None:
     """Write a commented starter recipe NAME.toml (and its prompt template) that validates as is;
@@ -287,8 +358,11 @@ def new(name: str, starter: str, folder: Path) -> None:
 
 
 @cli.command(hidden=True)
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the page to FILE instead of stdout.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the page to FILE instead of stdout.",
+)
 def reference(output: Path | None) -> None:
     """Print the recipe reference page (Markdown) generated from the schema."""
     from runner.recipe.reference import render_reference
@@ -305,30 +379,46 @@ def _note(message: str) -> None:
     click.echo(message, err=True)
 
 
-base_opt = click.option("--base", is_flag=True,
-                        help="Use the base model alone, without the trained adapter.")
-max_new_opt = click.option("--max-new-tokens", type=click.IntRange(min=1), metavar="N",
-                           help="Override compare.max_new_tokens.")
+base_opt = click.option(
+    "--base", is_flag=True, help="Use the base model alone, without the trained adapter."
+)
+max_new_opt = click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Override compare.max_new_tokens.",
+)
 
 
 @cli.command()
 @recipe_arg
 @click.option("--prompt", metavar="TEXT", help="The prompt exactly as the model sees it.")
-@click.option("--row", metavar="JSON",
-              help="A data row rendered through the recipe's prompt template, "
-                   """e.g. '{"content": "类型#裙*颜色#红色"}'.""")
+@click.option(
+    "--row",
+    metavar="JSON",
+    help="A data row rendered through the recipe's prompt template, "
+    """e.g. '{"content": "类型#裙*颜色#红色"}'.""",
+)
 @base_opt
 @max_new_opt
 @set_opt
 @reported
-def generate(recipe_file: Path, prompt: str | None, row: str | None, base: bool,
-             max_new_tokens: int | None, overrides: tuple[str, ...]) -> None:
+def generate(
+    recipe_file: Path,
+    prompt: str | None,
+    row: str | None,
+    base: bool,
+    max_new_tokens: int | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Generate from one prompt with the fine-tuned model (decoding as in [compare])."""
     from runner.use import open_session, prompt_from_row
 
     if (prompt is None) == (row is None):
-        raise RecipeError("generate: pass exactly one of --prompt TEXT (the raw prompt) or "
-                          "--row JSON (rendered through the recipe's prompt template)")
+        raise RecipeError(
+            "generate: pass exactly one of --prompt TEXT (the raw prompt) or "
+            "--row JSON (rendered through the recipe's prompt template)"
+        )
     recipe = _load(recipe_file, overrides)
     text = prompt if prompt is not None else prompt_from_row(recipe, str(row))
     session = open_session(recipe, base=base, log=_note, max_new_tokens=max_new_tokens)
@@ -342,37 +432,66 @@ def generate(recipe_file: Path, prompt: str | None, row: str | None, base: bool,
 @max_new_opt
 @set_opt
 @reported
-def chat(recipe_file: Path, raw: bool, base: bool, max_new_tokens: int | None,
-         overrides: tuple[str, ...]) -> None:
+def chat(
+    recipe_file: Path, raw: bool, base: bool, max_new_tokens: int | None, overrides: tuple[str, ...]
+) -> None:
     """Talk to the fine-tuned model: one prompt per line on stdin, replies on stdout."""
     from runner.use import chat_loop, open_session
 
     recipe = _load(recipe_file, overrides)
     session = open_session(recipe, base=base, log=_note, max_new_tokens=max_new_tokens)
-    chat_loop(session, recipe, sys.stdin, say=click.echo, note=_note,
-              marker=lambda: click.echo("> ", err=True, nl=False), raw=raw)
+    chat_loop(
+        session,
+        recipe,
+        sys.stdin,
+        say=click.echo,
+        note=_note,
+        marker=lambda: click.echo("> ", err=True, nl=False),
+        raw=raw,
+    )
 
 
 @cli.command()
 @recipe_arg
-@click.option("--merge", "merge_out", metavar="OUT", type=click.Path(path_type=Path),
-              help="Write a merged model (adapter folded into the de-quantized base) to OUT.")
-@click.option("--adapter", "adapter_out", metavar="OUT", type=click.Path(path_type=Path),
-              help="Write the adapter with a model card (README.md) to OUT.")
-@click.option("--chatglm-adapter", "chatglm_out", metavar="OUT",
-              type=click.Path(path_type=Path),
-              help="ChatGLM3 models: write the adapter in ChatGLM3's module names "
-                   "(query_key_value, ...) to OUT, for the original model's code.")
+@click.option(
+    "--merge",
+    "merge_out",
+    metavar="OUT",
+    type=click.Path(path_type=Path),
+    help="Write a merged model (adapter folded into the de-quantized base) to OUT.",
+)
+@click.option(
+    "--adapter",
+    "adapter_out",
+    metavar="OUT",
+    type=click.Path(path_type=Path),
+    help="Write the adapter with a model card (README.md) to OUT.",
+)
+@click.option(
+    "--chatglm-adapter",
+    "chatglm_out",
+    metavar="OUT",
+    type=click.Path(path_type=Path),
+    help="ChatGLM3 models: write the adapter in ChatGLM3's module names "
+    "(query_key_value, ...) to OUT, for the original model's code.",
+)
 @set_opt
 @reported
-def export(recipe_file: Path, merge_out: Path | None, adapter_out: Path | None,
-           chatglm_out: Path | None, overrides: tuple[str, ...]) -> None:
+def export(
+    recipe_file: Path,
+    merge_out: Path | None,
+    adapter_out: Path | None,
+    chatglm_out: Path | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Export the trained adapter (--adapter OUT) or a merged model (--merge OUT)."""
     from runner.export import export_adapter, export_merged
 
     if merge_out is None and adapter_out is None and chatglm_out is None:
-        raise RecipeError("export: pass --merge OUT (a merged model) and/or --adapter OUT "
-                          "(the adapter with a model card) and/or --chatglm-adapter OUT")
+        raise RecipeError(
+            "export: pass --merge OUT (a merged model) and/or --adapter OUT "
+            "(the adapter with a model card) and/or --chatglm-adapter OUT"
+        )
     if merge_out and adapter_out and merge_out.resolve() == adapter_out.resolve():
         raise RecipeError(f"export: --merge and --adapter both name {merge_out}; use two folders")
     recipe = _load(recipe_file, overrides)

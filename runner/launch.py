@@ -70,9 +70,11 @@ def accelerate_command(recipe: Recipe, spec: Path, *, cuda: bool) -> list[str]:
     if config is not None:
         path = recipe.resolve(config)
         if not path.is_file():
-            raise RecipeError(f"{recipe.origin('launch.config_file')}: $.launch.config_file: "
-                              f"{path} does not exist; run `accelerate config --config_file "
-                              f"{config}` or remove the key")
+            raise RecipeError(
+                f"{recipe.origin('launch.config_file')}: $.launch.config_file: "
+                f"{path} does not exist; run `accelerate config --config_file "
+                f"{config}` or remove the key"
+            )
         cmd += ["--config_file", str(path)]
 
     def given(key: str) -> bool:
@@ -108,12 +110,27 @@ def fsdp_flags(recipe: Recipe) -> list[str]:
     """FSDP-QLoRA as peft and bitsandbytes document it: full shard, flat parameters
     (use_orig_params false, so the peft wrap policy puts the trainable adapters in their own
     units), module states broadcast from rank 0, sharded checkpoints."""
-    return ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
-            "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-            "--fsdp_backward_prefetch", "BACKWARD_PRE", "--fsdp_forward_prefetch", "false",
-            "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_use_orig_params", "false",
-            "--fsdp_sync_module_states", "true", "--fsdp_cpu_ram_efficient_loading", "false",
-            "--fsdp_offload_params", "false"]
+    return [
+        "--use_fsdp",
+        "--fsdp_sharding_strategy",
+        "FULL_SHARD",
+        "--fsdp_auto_wrap_policy",
+        "TRANSFORMER_BASED_WRAP",
+        "--fsdp_backward_prefetch",
+        "BACKWARD_PRE",
+        "--fsdp_forward_prefetch",
+        "false",
+        "--fsdp_state_dict_type",
+        "SHARDED_STATE_DICT",
+        "--fsdp_use_orig_params",
+        "false",
+        "--fsdp_sync_module_states",
+        "true",
+        "--fsdp_cpu_ram_efficient_loading",
+        "false",
+        "--fsdp_offload_params",
+        "false",
+    ]
 
 
 def cpu_threads(recipe: Recipe) -> int:
@@ -154,9 +171,11 @@ def run_train(ctx: Context) -> dict[str, Any]:
     resume = start_attempt(ctx, out_dir)
     cuda = release_gpu(ctx)
     if recipe.get("launch.strategy") == "fsdp" and not cuda:
-        raise RecipeError(f"{recipe.origin('launch.strategy')}: $.launch.strategy: FSDP needs "
-                          "CUDA GPUs and none is visible here; use strategy = \"ddp\" (gloo "
-                          "processes) on a machine without GPUs")
+        raise RecipeError(
+            f"{recipe.origin('launch.strategy')}: $.launch.strategy: FSDP needs "
+            'CUDA GPUs and none is visible here; use strategy = "ddp" (gloo '
+            "processes) on a machine without GPUs"
+        )
     launch_dir = ctx.path(LAUNCH_DIR)
     shutil.rmtree(launch_dir, ignore_errors=True)
     launch_dir.mkdir(parents=True)
@@ -164,22 +183,41 @@ def run_train(ctx: Context) -> dict[str, Any]:
     stop_file.unlink(missing_ok=True)
     spec = launch_dir / "spec.json"
     st = ctx.status
-    write_json_atomic(spec, {
-        "recipe": str(recipe.path), "overrides": list(recipe.overrides),
-        "run_dir": str(ctx.run_dir), "fingerprint": ctx.fingerprint,
-        "resume": str(resume) if resume else None,
-        "status": {"fingerprint": st.fingerprint, "params": st.params, "inputs": st.inputs,
-                   "upstream": st.upstream, "libraries": st.libraries} if st else None,
-    })
+    write_json_atomic(
+        spec,
+        {
+            "recipe": str(recipe.path),
+            "overrides": list(recipe.overrides),
+            "run_dir": str(ctx.run_dir),
+            "fingerprint": ctx.fingerprint,
+            "resume": str(resume) if resume else None,
+            "status": {
+                "fingerprint": st.fingerprint,
+                "params": st.params,
+                "inputs": st.inputs,
+                "upstream": st.upstream,
+                "libraries": st.libraries,
+            }
+            if st
+            else None,
+        },
+    )
     cmd = accelerate_command(recipe, spec, cuda=cuda)
     log = ctx.path(LAUNCH_LOG)
     ctx.log(f"train: {describe_launch(recipe, cuda)}; worker output: {log}")
     with open(log, "ab") as err:
         err.write(f"\n$ {' '.join(cmd)}\n".encode())
         err.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=worker_env(cuda),
-                                start_new_session=True, text=True, encoding="utf-8",
-                                errors="replace")
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=worker_env(cuda),
+            start_new_session=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
         relay = threading.Thread(target=relay_lines, args=(proc, ctx.echo), daemon=True)
         relay.start()
         code = wait(ctx, proc, stop_file)
@@ -190,22 +228,28 @@ def run_train(ctx: Context) -> dict[str, Any]:
         stop_file.unlink(missing_ok=True)
         return {**recorded_metrics(ctx), **result["metrics"]}
     if code == 0 and recipe.get("launch.machine_rank") > 0:
-        return {"machine_rank": recipe.get("launch.machine_rank"),
-                "outputs": "on machine 0 (checkpoints, adapter, reports)"}
+        return {
+            "machine_rank": recipe.get("launch.machine_rank"),
+            "outputs": "on machine 0 (checkpoints, adapter, reports)",
+        }
     if result is not None and result.get("interrupted") is not None:
         stop_file.unlink(missing_ok=True)  # rank 0 said where it stopped
         raise Interrupted("train")
     if result is not None and result.get("recipe_error"):
         raise RecipeError(result["recipe_error"])
     newest, _ = newest_valid(out_dir)
-    resumes = (f"`recipe run` resumes from checkpoint {step_of(newest)}" if newest is not None
-               else "`recipe run` starts it again (no checkpoint was saved)")
+    resumes = (
+        f"`recipe run` resumes from checkpoint {step_of(newest)}"
+        if newest is not None
+        else "`recipe run` starts it again (no checkpoint was saved)"
+    )
     if stop_file.is_file():
         stop_file.unlink(missing_ok=True)
         ctx.log(f"train: stopped; {resumes}")
         raise Interrupted("train")
-    raise StageError("train", f"{worker_failure(launch_dir, log, code, result)}; "
-                              f"full log: {log}; {resumes}")
+    raise StageError(
+        "train", f"{worker_failure(launch_dir, log, code, result)}; full log: {log}; {resumes}"
+    )
 
 
 def recorded_metrics(ctx: Context) -> dict[str, Any]:
@@ -237,8 +281,12 @@ def wait(ctx: Context, proc: subprocess.Popen[str], stop_file: Path) -> int:
         asked["at"] = time.monotonic()
         stop_file.parent.mkdir(parents=True, exist_ok=True)
         stop_file.write_text(signal.Signals(signum).name, encoding="utf-8")
-        print("\ninterrupt: the training processes save a checkpoint after this step "
-              "(again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            "\ninterrupt: the training processes save a checkpoint after this step "
+            "(again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -291,7 +339,7 @@ def torchrun_root_cause(log: Path) -> tuple[int, str] | None:
         return None
     if "Root Cause" not in text:
         return None
-    section = text[text.rfind("Root Cause"):]
+    section = text[text.rfind("Root Cause") :]
     rank = re.search(r"rank\s*:\s*(\d+)", section)
     exitcode = re.search(r"exitcode\s*:\s*(-?\d+)", section)
     if not rank or not exitcode:

@@ -33,30 +33,72 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("format", "format", reads=("recipe.seed", "dataset", "template"),
-          ignores=("template.format",),  # how text becomes tokens: read by tokenize
-          inputs=lambda r: {"dataset": dataset_identity(r), "templates": template_identity(r)},
-          outputs=("data/formatted",), libraries=("datasets", "jinja2")),
-    Stage("tokenize", "tokenize",
-          reads=("tokenize", "template.format", "model.name_or_path", "model.revision",
-                 "model.tiny.corpus", "model.tiny.vocab_size", "model.tiny.seed"),
-          ignores=("tokenize.num_proc",), upstream=("format",),
-          inputs=lambda r: {"tokenizer": tokenizer_identity(r)},
-          outputs=("data/tokenized",), libraries=("datasets", "transformers", "tokenizers")),
-    Stage("quantize-load", "quantize_load", reads=("model", "quantization", "lora"),
-          inputs=lambda r: {"model": weights_identity(r)},
-          outputs=("model/load.json",), libraries=("torch", "transformers", "peft", "bitsandbytes")),
-    Stage("train", "train", reads=("recipe.seed", "train", "launch.num_processes",
-                                   "launch.num_machines", "launch.strategy"),
-          ignores=("train.logging_steps", "train.save_steps", "train.save_total_limit",
-                   "train.report_to", "train.dataloader_num_workers", "train.on_changed_settings"),
-          upstream=("tokenize", "quantize-load"),
-          outputs=("train/final", "train/log_history.json"),
-          libraries=("torch", "transformers", "peft", "bitsandbytes", "accelerate")),
+    Stage(
+        "format",
+        "format",
+        reads=("recipe.seed", "dataset", "template"),
+        ignores=("template.format",),  # how text becomes tokens: read by tokenize
+        inputs=lambda r: {"dataset": dataset_identity(r), "templates": template_identity(r)},
+        outputs=("data/formatted",),
+        libraries=("datasets", "jinja2"),
+    ),
+    Stage(
+        "tokenize",
+        "tokenize",
+        reads=(
+            "tokenize",
+            "template.format",
+            "model.name_or_path",
+            "model.revision",
+            "model.tiny.corpus",
+            "model.tiny.vocab_size",
+            "model.tiny.seed",
+        ),
+        ignores=("tokenize.num_proc",),
+        upstream=("format",),
+        inputs=lambda r: {"tokenizer": tokenizer_identity(r)},
+        outputs=("data/tokenized",),
+        libraries=("datasets", "transformers", "tokenizers"),
+    ),
+    Stage(
+        "quantize-load",
+        "quantize_load",
+        reads=("model", "quantization", "lora"),
+        inputs=lambda r: {"model": weights_identity(r)},
+        outputs=("model/load.json",),
+        libraries=("torch", "transformers", "peft", "bitsandbytes"),
+    ),
+    Stage(
+        "train",
+        "train",
+        reads=(
+            "recipe.seed",
+            "train",
+            "launch.num_processes",
+            "launch.num_machines",
+            "launch.strategy",
+        ),
+        ignores=(
+            "train.logging_steps",
+            "train.save_steps",
+            "train.save_total_limit",
+            "train.report_to",
+            "train.dataloader_num_workers",
+            "train.on_changed_settings",
+        ),
+        upstream=("tokenize", "quantize-load"),
+        outputs=("train/final", "train/log_history.json"),
+        libraries=("torch", "transformers", "peft", "bitsandbytes", "accelerate"),
+    ),
     Stage("save", "save", reads=(), upstream=("train",), outputs=("adapter",), libraries=("peft",)),
-    Stage("compare", "compare", reads=("recipe.seed", "compare"), upstream=("save", "tokenize"),
-          outputs=("compare.md", "compare.jsonl", "report.html"),
-          libraries=("torch", "transformers", "peft", "bitsandbytes")),
+    Stage(
+        "compare",
+        "compare",
+        reads=("recipe.seed", "compare"),
+        upstream=("save", "tokenize"),
+        outputs=("compare.md", "compare.jsonl", "report.html"),
+        libraries=("torch", "transformers", "peft", "bitsandbytes"),
+    ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -152,8 +194,15 @@ def compute_plan(recipe: Recipe) -> list[StageStatus]:
         inputs = stage.inputs(recipe) if stage.inputs else {}
         upstream = {u: fps[u] for u in stage.upstream}
         libs = library_versions(stage.libraries)
-        fp = fingerprint({"stage": stage.name, "params": params, "inputs": inputs,
-                          "upstream": upstream, "libraries": libs})
+        fp = fingerprint(
+            {
+                "stage": stage.name,
+                "params": params,
+                "inputs": inputs,
+                "upstream": upstream,
+                "libraries": libs,
+            }
+        )
         fps[stage.name] = fp
         status = StageStatus(stage, "done", [], fp, params, inputs, upstream, libs)
         try:
@@ -178,7 +227,10 @@ def compute_plan(recipe: Recipe) -> list[StageStatus]:
             else:
                 ran_up = [u for u in stage.upstream if u in will_run]
                 if ran_up:
-                    status.status, status.reasons = "stale", [f"upstream re-runs: {', '.join(ran_up)}"]
+                    status.status, status.reasons = (
+                        "stale",
+                        [f"upstream re-runs: {', '.join(ran_up)}"],
+                    )
         if status.status != "done":
             will_run.add(stage.name)
         plan.append(status)

@@ -24,8 +24,14 @@ def format_eta(seconds: float | None) -> str:
 class TrainProgress:
     """Fed by the trainer callback: start(), step() every step, logged() every log, stop()."""
 
-    def __init__(self, log: Callable[[str], None], *, bar: bool | None = None,
-                 console: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        log: Callable[[str], None],
+        *,
+        bar: bool | None = None,
+        console: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.log = log
         self.clock = clock
         self.bar = sys.stdout.isatty() and sys.stderr.isatty() if bar is None else bar
@@ -51,13 +57,18 @@ class TrainProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self._progress = Progress(
-            TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} tok/s"),
             TextColumn("ETA {task.fields[eta]}"),
-            console=self.console or Console(stderr=True), transient=True,
+            console=self.console or Console(stderr=True),
+            transient=True,
         )
-        self._task = self._progress.add_task("train", total=total, completed=step,
-                                             loss="-", speed="-", eta="?")
+        self._task = self._progress.add_task(
+            "train", total=total, completed=step, loss="-", speed="-", eta="?"
+        )
         self._progress.start()
 
     def printer(self, echo: Callable[[str], None]) -> Callable[[str], None]:
@@ -84,17 +95,23 @@ class TrainProgress:
         self._step, self._tokens = step, tokens
         if self._progress is not None:
             speed, eta = self.rate()
-            self._progress.update(self._task, completed=step, speed=f"{speed or 0:,.0f}",
-                                  eta=format_eta(eta),
-                                  loss="-" if self.loss is None else f"{self.loss:.4f}")
+            self._progress.update(
+                self._task,
+                completed=step,
+                speed=f"{speed or 0:,.0f}",
+                eta=format_eta(eta),
+                loss="-" if self.loss is None else f"{self.loss:.4f}",
+            )
 
     def logged(self, step: int, logs: dict[str, Any]) -> None:
         if "loss" in logs:
             self.loss = float(logs["loss"])
             speed, eta = self.rate()
             figures = f", {speed:,.0f} tok/s, ETA {format_eta(eta)}" if speed is not None else ""
-            self.log(f"train: step {step}/{self.total} loss {self.loss:.4f} "
-                     f"lr {logs.get('learning_rate', 0):.2e}{figures}")
+            self.log(
+                f"train: step {step}/{self.total} loss {self.loss:.4f} "
+                f"lr {logs.get('learning_rate', 0):.2e}{figures}"
+            )
         if "eval_loss" in logs:
             self.log(f"train: step {step}/{self.total} eval loss {logs['eval_loss']:.4f}")
         self.step(step, self._tokens)

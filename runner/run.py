@@ -45,7 +45,8 @@ def check_ownership(recipe: Recipe, force: bool) -> None:
             owner = {}
         if owner.get("name") != recipe.name and not force:
             raise RecipeError(
-                f"{recipe.run_dir}: holds the runs of recipe {owner.get('name')!r}, not {recipe.name!r}; "
+                f"{recipe.run_dir}: holds the runs of recipe {owner.get('name')!r}, "
+                f"not {recipe.name!r}; "
                 "set recipe.output_dir to another folder, or pass --force to reuse it"
             )
     write_json_atomic(marker, {"name": recipe.name, "recipe": str(recipe.path)})
@@ -77,9 +78,16 @@ def _record_end(path: Path, state: dict[str, Any]) -> None:
 
 def run_stage(ctx: Context, st: StageStatus) -> dict[str, Any]:
     state = new_state(st.name) | {
-        "status": "running", "fingerprint": st.fingerprint, "params": st.params,
-        "inputs": st.inputs, "upstream": st.upstream, "libraries": st.libraries,
-        "started": _now(), "ended": None, "metrics": {}, "outputs": [],
+        "status": "running",
+        "fingerprint": st.fingerprint,
+        "params": st.params,
+        "inputs": st.inputs,
+        "upstream": st.upstream,
+        "libraries": st.libraries,
+        "started": _now(),
+        "ended": None,
+        "metrics": {},
+        "outputs": [],
     }
     path = state_path(ctx.run_dir, st.name)
     write_json_atomic(path, state)
@@ -108,8 +116,11 @@ def run_stage(ctx: Context, st: StageStatus) -> dict[str, Any]:
         state.update(status="failed", ended=_now())
         _record_end(path, state)
         if is_disk_full(e):
-            raise StageError(st.name, f"disk full while writing {getattr(e, 'filename', None) or ctx.run_dir}; "
-                             "free space and run again (finished stages are kept)") from e
+            raise StageError(
+                st.name,
+                f"disk full while writing {getattr(e, 'filename', None) or ctx.run_dir}; "
+                "free space and run again (finished stages are kept)",
+            ) from e
         raise StageError(st.name, f"{type(e).__name__}: {e}".splitlines()[0]) from e
     outputs = []
     elsewhere = st.name == "train" and ctx.recipe.get("launch.machine_rank") > 0  # on machine 0
@@ -117,31 +128,44 @@ def run_stage(ctx: Context, st: StageStatus) -> dict[str, Any]:
         if not (ctx.run_dir / rel).exists():
             state.update(status="failed", ended=_now())
             _record_end(path, state)
-            raise StageError(st.name, f"finished without writing {ctx.run_dir / rel}; "
-                                      "this is a bug in the stage, please report it")
+            raise StageError(
+                st.name,
+                f"finished without writing {ctx.run_dir / rel}; "
+                "this is a bug in the stage, please report it",
+            )
         outputs.append({"path": rel, **describe_path(ctx.run_dir / rel)})
-    state.update(status="done", ended=_now(), outputs=outputs,
-                 metrics={**state["metrics"], **metrics, "seconds": round(time.monotonic() - t0, 2)})
+    state.update(
+        status="done",
+        ended=_now(),
+        outputs=outputs,
+        metrics={**state["metrics"], **metrics, "seconds": round(time.monotonic() - t0, 2)},
+    )
     write_json_atomic(path, state)
     return state
 
 
-def run_recipe(recipe: Recipe, echo: Callable[[str], None], *, force: bool = False,
-               only: str | None = None) -> list[dict[str, Any]]:
+def run_recipe(
+    recipe: Recipe, echo: Callable[[str], None], *, force: bool = False, only: str | None = None
+) -> list[dict[str, Any]]:
     """Run what is not done; return the states of the stages that ran."""
     run_dir = recipe.run_dir
     ran: list[dict[str, Any]] = []
-    if recipe.get("launch.machine_rank") > 0 and only not in STAGE_NAMES[:STAGE_NAMES.index("train")]:
+    if (
+        recipe.get("launch.machine_rank") > 0
+        and only not in STAGE_NAMES[: STAGE_NAMES.index("train")]
+    ):
         only = "train"  # multi-node: machine 0 saves, compares and reports
-        echo(f"machine {recipe.get('launch.machine_rank')}: runs the stages up to train; "
-             "machine 0 writes the adapter and the reports")
+        echo(
+            f"machine {recipe.get('launch.machine_rank')}: runs the stages up to train; "
+            "machine 0 writes the adapter and the reports"
+        )
     with run_lock(run_dir), sigterm_as_interrupt():
         check_ownership(recipe, force)
         write_resolved_recipe(recipe)
         ctx = Context(recipe=recipe, run_dir=run_dir, echo=echo)
         plan = compute_plan(recipe)
         train = plan[STAGE_NAMES.index("train")]
-        if train.status != "done" and only not in STAGE_NAMES[:STAGE_NAMES.index("train")]:
+        if train.status != "done" and only not in STAGE_NAMES[: STAGE_NAMES.index("train")]:
             refuse_abandoning(recipe, train)  # on_changed_settings = "refuse": before any work
         reran: set[str] = set()
         for st in plan:
@@ -151,12 +175,16 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None], *, force: bool = Fal
             if st.status == "done" and not upstream_ran:
                 echo(f"{st.name}: skipped (up to date)")
                 continue
-            reasons = st.reasons if st.status != "done" else [f"upstream re-ran: {', '.join(upstream_ran)}"]
+            reasons = (
+                st.reasons
+                if st.status != "done"
+                else [f"upstream re-ran: {', '.join(upstream_ran)}"]
+            )
             ctx.log(f"{st.name}: running ({'; '.join(reasons)})")
             try:
                 state = run_stage(ctx, st)
             except StageError:
-                rest = [s.name for s in plan[plan.index(st) + 1:]]
+                rest = [s.name for s in plan[plan.index(st) + 1 :]]
                 if rest:
                     echo(f"skipped after the failure: {', '.join(rest)}")
                 raise
@@ -164,4 +192,3 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None], *, force: bool = Fal
             ran.append(state)
             reran.add(st.name)
     return ran
-

@@ -16,8 +16,21 @@ from runner import __version__, faults
 from runner.errors import RecipeError
 
 STATE_VERSION = 1
-STATE_KEYS = {"schema_version", "runner_version", "stage", "status", "fingerprint", "params",
-              "inputs", "outputs", "upstream", "libraries", "started", "ended", "metrics"}
+STATE_KEYS = {
+    "schema_version",
+    "runner_version",
+    "stage",
+    "status",
+    "fingerprint",
+    "params",
+    "inputs",
+    "outputs",
+    "upstream",
+    "libraries",
+    "started",
+    "ended",
+    "metrics",
+}
 
 
 class CorruptState(Exception):
@@ -92,12 +105,16 @@ def read_state(path: Path) -> dict[str, Any] | None:
     try:
         state = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CorruptState(f"{path}: not valid JSON (line {e.lineno}); it will be rewritten") from None
-    if not isinstance(state, dict) or not STATE_KEYS <= set(state):
+        raise CorruptState(
+            f"{path}: not valid JSON (line {e.lineno}); it will be rewritten"
+        ) from None
+    if not isinstance(state, dict) or not set(state) >= STATE_KEYS:
         missing = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else ["everything"]
         raise CorruptState(f"{path}: missing {', '.join(missing)}; it will be rewritten")
     if state["schema_version"] != STATE_VERSION:
-        raise CorruptState(f"{path}: state version {state['schema_version']}, expected {STATE_VERSION}")
+        raise CorruptState(
+            f"{path}: state version {state['schema_version']}, expected {STATE_VERSION}"
+        )
     return state
 
 
@@ -130,8 +147,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             holder = _lock_holder(lock)
             who = f" (pid {holder})" if holder else ""
             stop = f"; `kill -INT {holder}` stops it after saving a checkpoint" if holder else ""
-            raise RecipeError(f"{run_dir}: another `recipe run`{who} is using this run directory; "
-                              f"wait for it to finish{stop}") from None
+            raise RecipeError(
+                f"{run_dir}: another `recipe run`{who} is using this run directory; "
+                f"wait for it to finish{stop}"
+            ) from None
         try:  # the holder may have released and removed the file between our open and flock
             current = os.stat(lock)
         except FileNotFoundError:

@@ -30,7 +30,8 @@ def sh(*args: str) -> None:
 
 
 def setup() -> None:
-    if sys.version_info < (3, 10):
+    # Runs under whatever python3 the user has, before the venv exists: keep the guard.
+    if sys.version_info < (3, 10):  # noqa: UP036
         sys.exit(f"recipe needs Python >= 3.10, this is {sys.version.split()[0]}")
     torch_spec = os.environ.get("TORCH_SPEC", "torch==2.13.0")
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + torch_spec.encode()).hexdigest()
@@ -49,8 +50,9 @@ def setup() -> None:
 def main() -> None:
     tasks = sys.argv[1:] or ["--list"]
     setup()
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               VIRTUAL_ENV=str(VENV))
+    env = dict(
+        os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", VIRTUAL_ENV=str(VENV)
+    )
     os.chdir(ROOT)
     os.execvpe(str(BIN / "just"), [str(BIN / "just"), *tasks], env)
 

@@ -138,7 +138,19 @@ def mark_done(recipe_file: Path, overrides: tuple[str, ...] = ()) -> None:
             if not out.exists():
                 out.write_text("x")
             outputs.append({"path": rel, **describe_path(out)})
-        write_json_atomic(state_path(recipe.run_dir, st.name), new_state(st.name) | {
-            "status": "done", "fingerprint": st.fingerprint, "params": st.params,
-            "inputs": st.inputs, "upstream": st.upstream, "libraries": st.libraries,
-            "started": "t", "ended": "t", "metrics": {}, "outputs": outputs})
+        write_json_atomic(
+            state_path(recipe.run_dir, st.name),
+            new_state(st.name)
+            | {
+                "status": "done",
+                "fingerprint": st.fingerprint,
+                "params": st.params,
+                "inputs": st.inputs,
+                "upstream": st.upstream,
+                "libraries": st.libraries,
+                "started": "t",
+                "ended": "t",
+                "metrics": {},
+                "outputs": outputs,
+            },
+        )

@@ -75,11 +75,18 @@ def test_adapter_loads_with_peft(demo: tuple[Path, str]) -> None:
 
     run_dir = demo[0]
     folder = json.loads((run_dir / "model" / "load.json").read_text())["model_folder"]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder),
-                                      str(run_dir / "adapter"))
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(folder), str(run_dir / "adapter")
+    )
     assert any("lora_A" in name for name, _ in model.named_parameters())
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-                 "recipe.toml", "metrics.json", "README.md"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "recipe.toml",
+        "metrics.json",
+        "README.md",
+    ):
         assert (run_dir / "adapter" / name).is_file(), name
 
 
@@ -95,7 +102,9 @@ def test_second_run_skips_everything_quickly(demo: tuple[Path, str], env: dict[s
     assert elapsed < 10, elapsed
 
 
-def test_changed_rank_reruns_from_quantize_load(demo: tuple[Path, str], env: dict[str, str]) -> None:
+def test_changed_rank_reruns_from_quantize_load(
+    demo: tuple[Path, str], env: dict[str, str]
+) -> None:
     run_dir = demo[0]
     before = states(run_dir)
     out = run_recipe(run_dir, "--set", "lora.r=16", env=env)
@@ -115,7 +124,9 @@ def test_kill_9_during_train_resumes_from_a_checkpoint(tmp_path: Path, env: dict
     run_dir = tmp_path / "run"
     args = ("--set", "train.save_steps=5", "--set", "train.max_steps=40")
     cmd = recipe_cmd("run", str(RECIPE), "--set", f"recipe.output_dir={run_dir}", *args)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     state = run_dir / "state" / "train.json"
     deadline = time.monotonic() + 600
     step = 0

@@ -31,8 +31,13 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "adgen-tiny.toml"
-SMALL = ("train.max_steps=6", "train.save_steps=2", "train.logging_steps=1",
-         "train.per_device_train_batch_size=2", "tokenize.max_length=64")
+SMALL = (
+    "train.max_steps=6",
+    "train.save_steps=2",
+    "train.logging_steps=1",
+    "train.per_device_train_batch_size=2",
+    "tokenize.max_length=64",
+)
 STEPS = 6
 Outcome = tuple[dict[str, Any], list[tuple[int, float, float, float]]]
 
@@ -53,16 +58,25 @@ def here(command: str, run_dir: Path, *extra: str) -> Result:
 def process(run_dir: Path, env: dict[str, str], fault: str) -> tuple[int, int, str]:
     """`recipe run` as a real process with a fault armed: its pid, exit status and stderr."""
     cmd = [sys.executable, "-c", "from runner.cli import main; main()", *args("run", run_dir)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(env, RECIPE_FAULT=fault), text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=dict(env, RECIPE_FAULT=fault),
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _, err = proc.communicate(timeout=600)
     return proc.pid, proc.returncode, err
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    cache = (os.environ.get("RECIPE_TEST_CACHE") or os.environ.get("RECIPE_CACHE")
-             or str(tmp_path_factory.mktemp("recipe-cache")))
+    cache = (
+        os.environ.get("RECIPE_TEST_CACHE")
+        or os.environ.get("RECIPE_CACHE")
+        or str(tmp_path_factory.mktemp("recipe-cache"))
+    )
     import torch
 
     threads = torch.get_num_threads()
@@ -97,8 +111,9 @@ def outcome(run_dir: Path) -> Outcome:
 
     adapter = load_file(str(run_dir / "train" / "final" / "adapter_model.safetensors"))
     history = json.loads((run_dir / "train" / "log_history.json").read_text())
-    log = [(h["step"], h["loss"], h["grad_norm"], h["learning_rate"])
-           for h in history if "loss" in h]
+    log = [
+        (h["step"], h["loss"], h["grad_norm"], h["learning_rate"]) for h in history if "loss" in h
+    ]
     return adapter, log
 
 
@@ -157,13 +172,17 @@ def plan_line(run_dir: Path) -> str:
 def test_same_seed_same_losses_and_adapter(reference: tuple[Path, Outcome], fresh: Path) -> None:
     done = here("run", fresh)
     assert done.exit_code == 0, done.output
-    assert re.search(r"^train: step 6/6 loss \d\.\d{4} lr \S+, [\d,]+ tok/s, ETA 0:00:00$",
-                     done.stdout, re.MULTILINE), done.stdout
+    assert re.search(
+        r"^train: step 6/6 loss \d\.\d{4} lr \S+, [\d,]+ tok/s, ETA 0:00:00$",
+        done.stdout,
+        re.MULTILINE,
+    ), done.stdout
     assert_same(reference, fresh, tolerance=0.0)
 
 
 def test_kill_9_after_a_step_loses_only_the_steps_since_the_checkpoint(
-        reference: tuple[Path, Outcome], fresh: Path, env: dict[str, str]) -> None:
+    reference: tuple[Path, Outcome], fresh: Path, env: dict[str, str]
+) -> None:
     pid, status, err = process(fresh, env, fault="after_step:3")
     assert status == -signal.SIGKILL, err
     assert "RECIPE_FAULT: killed at after_step:3" in err
@@ -176,7 +195,8 @@ def test_kill_9_after_a_step_loses_only_the_steps_since_the_checkpoint(
 
 
 def test_kill_9_during_a_checkpoint_save_falls_back_to_the_previous_one(
-        reference: tuple[Path, Outcome], fresh: Path, env: dict[str, str]) -> None:
+    reference: tuple[Path, Outcome], fresh: Path, env: dict[str, str]
+) -> None:
     from runner.checkpoints import checkpoint_problem
 
     _, status, err = process(fresh, env, fault="during_save:4")
@@ -191,7 +211,8 @@ def test_kill_9_during_a_checkpoint_save_falls_back_to_the_previous_one(
 
 
 def test_kill_9_during_the_state_write_leaves_the_previous_state(
-        reference: tuple[Path, Outcome], fresh: Path, env: dict[str, str]) -> None:
+    reference: tuple[Path, Outcome], fresh: Path, env: dict[str, str]
+) -> None:
     _, status, err = process(fresh, env, fault="during_state_write:4")
     assert status == -signal.SIGKILL, err
     temps = [p.name for p in (fresh / "state").iterdir() if p.name.startswith(".train.json.")]
@@ -207,9 +228,14 @@ def start_paused(run_dir: Path, env: dict[str, str], step: int) -> subprocess.Po
     from runner.faults import PAUSED_MARKER
 
     cmd = [sys.executable, "-c", "from runner.cli import main; main()", *args("run", run_dir)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE,
-                            env=dict(env, RECIPE_FAULT=f"pause_after_step:{step}"))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env, RECIPE_FAULT=f"pause_after_step:{step}"),
+    )
     deadline = time.monotonic() + 300
     while not (run_dir / PAUSED_MARKER).exists():
         assert proc.poll() is None, proc.communicate()
@@ -218,8 +244,9 @@ def start_paused(run_dir: Path, env: dict[str, str], step: int) -> subprocess.Po
     return proc
 
 
-def assert_interrupted_then_resumed(reference: tuple[Path, Outcome], run_dir: Path,
-                                    proc: subprocess.Popen[str]) -> None:
+def assert_interrupted_then_resumed(
+    reference: tuple[Path, Outcome], run_dir: Path, proc: subprocess.Popen[str]
+) -> None:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, out + err
     assert "interrupt: saving a checkpoint after this step (again to stop at once)" in err
@@ -232,31 +259,35 @@ def assert_interrupted_then_resumed(reference: tuple[Path, Outcome], run_dir: Pa
 
 
 def test_ctrl_c_saves_a_checkpoint_and_the_next_run_resumes(
-        reference: tuple[Path, Outcome], fresh: Path, env: dict[str, str]) -> None:
+    reference: tuple[Path, Outcome], fresh: Path, env: dict[str, str]
+) -> None:
     proc = start_paused(fresh, env, 3)
     os.kill(proc.pid, signal.SIGINT)
     assert_interrupted_then_resumed(reference, fresh, proc)
 
 
 def test_second_run_is_refused_and_sigterm_stops_the_first(
-        reference: tuple[Path, Outcome], fresh: Path, env: dict[str, str]) -> None:
+    reference: tuple[Path, Outcome], fresh: Path, env: dict[str, str]
+) -> None:
     proc = start_paused(fresh, env, 3)
     try:
         cmd = [sys.executable, "-c", "from runner.cli import main; main()", *args("run", fresh)]
-        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=300)
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     finally:
         os.kill(proc.pid, signal.SIGTERM)
     assert second.returncode == 2, second.stdout + second.stderr
-    assert second.stderr == (f"{fresh}: another `recipe run` (pid {proc.pid}) is using this run "
-                             f"directory; wait for it to finish; `kill -INT {proc.pid}` stops it "
-                             "after saving a checkpoint\n")
+    assert second.stderr == (
+        f"{fresh}: another `recipe run` (pid {proc.pid}) is using this run "
+        f"directory; wait for it to finish; `kill -INT {proc.pid}` stops it "
+        "after saving a checkpoint\n"
+    )
     assert second.stdout == ""
     assert_interrupted_then_resumed(reference, fresh, proc)
 
 
-def test_disk_full_during_a_checkpoint_save(reference: tuple[Path, Outcome], fresh: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_during_a_checkpoint_save(
+    reference: tuple[Path, Outcome], fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     from runner.checkpoints import checkpoint_problem
@@ -276,7 +307,8 @@ def test_disk_full_during_a_checkpoint_save(reference: tuple[Path, Outcome], fre
         rf"error: stage train failed: disk full while saving checkpoint 4 to "
         rf"{re.escape(str(folder / 'checkpoint-4'))} \(\d+\.\d MiB free, a checkpoint needs about "
         r"\d+\.\d MiB\); free space and run again \(it resumes from checkpoint 2\)\n",
-        failed.stderr), failed.stderr
+        failed.stderr,
+    ), failed.stderr
     assert not (folder / "checkpoint-4").exists()  # the half-written one is removed
     assert checkpoint_problem(folder / "checkpoint-2") is None  # the previous one is intact
     state = train_state(fresh)
@@ -287,7 +319,8 @@ def test_disk_full_during_a_checkpoint_save(reference: tuple[Path, Outcome], fre
 
 
 def test_corrupt_state_file_is_named_and_the_stage_runs_again(
-        reference: tuple[Path, Outcome], tmp_path: Path) -> None:
+    reference: tuple[Path, Outcome], tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(reference[0], run_dir)
     path = run_dir / "state" / "train.json"
@@ -295,8 +328,11 @@ def test_corrupt_state_file_is_named_and_the_stage_runs_again(
     path.write_text(text[: len(text) // 2])  # truncated, as a non-atomic writer would leave it
     line = plan_line(run_dir)
     assert line.split()[:2] == ["train", "pending"]
-    assert re.search(rf"\(corrupt state: {re.escape(str(path))}: not valid JSON \(line \d+\); "
-                     r"it will be rewritten\)$", line), line
+    assert re.search(
+        rf"\(corrupt state: {re.escape(str(path))}: not valid JSON \(line \d+\); "
+        r"it will be rewritten\)$",
+        line,
+    ), line
     again = here("run", run_dir)
     assert again.exit_code == 0, again.output
     assert f"train: running (corrupt state: {path}: not valid JSON" in again.stdout
@@ -306,30 +342,45 @@ def test_corrupt_state_file_is_named_and_the_stage_runs_again(
 
 
 def test_changed_setting_starts_a_new_attempt_and_says_why(
-        reference: tuple[Path, Outcome], tmp_path: Path) -> None:
+    reference: tuple[Path, Outcome], tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(reference[0], run_dir)
     old = attempt(run_dir)
-    done = here("run", run_dir, "--set", "train.max_steps=3", "--set",
-                "train.on_changed_settings=refuse")  # the old attempt finished: nothing to refuse
+    done = here(
+        "run", run_dir, "--set", "train.max_steps=3", "--set", "train.on_changed_settings=refuse"
+    )  # the old attempt finished: nothing to refuse
     assert done.exit_code == 0, done.output
     assert "train: running (changed params: train.max_steps 6 -> 3)" in done.stdout
     (new,) = [p.name for p in (run_dir / "checkpoints").iterdir() if p != old]
-    assert (f"train: starting fresh in attempt {new}; attempt {old.name} (finished) was made "
-            "with other settings and is not resumed: changed params: train.max_steps 6 -> 3"
-            ) in done.stdout
+    assert (
+        f"train: starting fresh in attempt {new}; attempt {old.name} (finished) was made "
+        "with other settings and is not resumed: changed params: train.max_steps 6 -> 3"
+    ) in done.stdout
     assert train_state(run_dir)["metrics"]["global_step"] == 3
 
 
 def test_evaluation_early_stopping_and_tensorboard(fresh: Path) -> None:
-    done = here("run", fresh, "--set", "train.eval_steps=1",
-                "--set", "train.early_stopping_patience=1",
-                "--set", "train.early_stopping_threshold=100",
-                "--set", "train.report_to=tensorboard")
+    done = here(
+        "run",
+        fresh,
+        "--set",
+        "train.eval_steps=1",
+        "--set",
+        "train.early_stopping_patience=1",
+        "--set",
+        "train.early_stopping_threshold=100",
+        "--set",
+        "train.report_to=tensorboard",
+    )
     assert done.exit_code == 0, done.output
     assert re.search(r"^train: step 1/6 eval loss \d+\.\d{4}$", done.stdout, re.MULTILINE)
-    assert re.search(r"^train: stopped early at step 2: the held-out loss did not improve for 1 "
-                     r"evaluations \(best \d+\.\d{4}\)$", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(
+        r"^train: stopped early at step 2: the held-out loss did not improve for 1 "
+        r"evaluations \(best \d+\.\d{4}\)$",
+        done.stdout,
+        re.MULTILINE,
+    ), done.stdout
     history = json.loads((fresh / "train" / "log_history.json").read_text())
     assert [h["step"] for h in history if "eval_loss" in h] == [1, 2]
     assert train_state(fresh)["metrics"]["global_step"] == 2

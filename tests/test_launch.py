@@ -52,10 +52,16 @@ def test_cpu_processes_share_the_cores() -> None:
 
 
 def test_fsdp_command_is_fsdp_qlora() -> None:
-    recipe = load_recipe(TINY, ["launch.num_processes=2", "launch.strategy=fsdp",
-                                "quantization.bnb_4bit_compute_dtype=bfloat16",
-                                "quantization.bnb_4bit_quant_storage=bfloat16",
-                                "train.optim=adamw_torch"])
+    recipe = load_recipe(
+        TINY,
+        [
+            "launch.num_processes=2",
+            "launch.strategy=fsdp",
+            "quantization.bnb_4bit_compute_dtype=bfloat16",
+            "quantization.bnb_4bit_quant_storage=bfloat16",
+            "train.optim=adamw_torch",
+        ],
+    )
     f = flags(accelerate_command(recipe, SPEC, cuda=True))
     assert "--use_fsdp" in f and "--multi_gpu" not in f
     assert f["--fsdp_use_orig_params"] == "false"  # peft's wrap policy separates the adapters
@@ -64,8 +70,15 @@ def test_fsdp_command_is_fsdp_qlora() -> None:
 
 
 def test_multi_node_passes_rank_and_address(tmp_path: Path) -> None:
-    recipe = load_recipe(TINY, ["launch.num_processes=8", "launch.num_machines=2",
-                                "launch.machine_rank=1", "launch.main_process_ip=10.0.0.1"])
+    recipe = load_recipe(
+        TINY,
+        [
+            "launch.num_processes=8",
+            "launch.num_machines=2",
+            "launch.machine_rank=1",
+            "launch.main_process_ip=10.0.0.1",
+        ],
+    )
     f = flags(accelerate_command(recipe, SPEC, cuda=True))
     assert f["--num_processes"] == "16"  # accelerate counts processes over all machines
     assert (f["--num_machines"], f["--machine_rank"]) == ("2", "1")
@@ -94,7 +107,8 @@ def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
     assert e.value.lines == [
         f"{TINY}: $.launch.config_file: "
         f"{ROOT / 'recipes' / 'nowhere.yaml'} does not exist; run `accelerate config "
-        f"--config_file nowhere.yaml` or remove the key"]
+        f"--config_file nowhere.yaml` or remove the key"
+    ]
 
 
 TORCHRUN_REPORT = """
@@ -114,8 +128,9 @@ Root Cause (first observed failure):
 def test_a_killed_rank_is_named_not_the_peer_that_lost_it(tmp_path: Path) -> None:
     log = tmp_path / "launch.log"
     log.write_text(TORCHRUN_REPORT, encoding="utf-8")
-    (tmp_path / "rank-0.error.json").write_text(json.dumps(
-        {"rank": 0, "error": "RuntimeError: Connection reset by peer"}), encoding="utf-8")
+    (tmp_path / "rank-0.error.json").write_text(
+        json.dumps({"rank": 0, "error": "RuntimeError: Connection reset by peer"}), encoding="utf-8"
+    )
     result = {"error": "RuntimeError: Connection reset by peer"}
     why = worker_failure(tmp_path, log, 1, result)
     assert why == "training process rank 1 was killed by SIGKILL"
@@ -124,8 +139,9 @@ def test_a_killed_rank_is_named_not_the_peer_that_lost_it(tmp_path: Path) -> Non
 def test_the_failing_rank_says_why(tmp_path: Path) -> None:
     log = tmp_path / "launch.log"
     log.write_text(TORCHRUN_REPORT.replace("-9 (pid", "1 (pid"), encoding="utf-8")
-    (tmp_path / "rank-1.error.json").write_text(json.dumps(
-        {"rank": 1, "error": "OutOfMemoryError: CUDA out of memory"}), encoding="utf-8")
+    (tmp_path / "rank-1.error.json").write_text(
+        json.dumps({"rank": 1, "error": "OutOfMemoryError: CUDA out of memory"}), encoding="utf-8"
+    )
     assert worker_failure(tmp_path, log, 1, None) == "rank 1: OutOfMemoryError: CUDA out of memory"
 
 
@@ -150,7 +166,8 @@ def test_gpus_changes_the_train_fingerprint_and_says_so(tmp_path: Path) -> None:
     assert before["train"].fingerprint != after["train"].fingerprint
     mark_done(TINY, (f"recipe.output_dir={tmp_path}",))
     shown = CliRunner().invoke(
-        cli, ["plan", str(TINY), "--set", f"recipe.output_dir={tmp_path}", "--gpus", "2"])
+        cli, ["plan", str(TINY), "--set", f"recipe.output_dir={tmp_path}", "--gpus", "2"]
+    )
     assert shown.exit_code == 0, shown.output
     line = next(x for x in shown.output.splitlines() if x.split()[0] == "train")
     assert "stale" in line and "changed params: launch.num_processes 1 -> 2" in line

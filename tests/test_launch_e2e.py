@@ -24,8 +24,14 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "adgen-tiny.toml"
-SMALL = ("train.max_steps=4", "train.save_steps=2", "train.logging_steps=1",
-         "tokenize.max_length=64", "compare.num_examples=1", "compare.max_new_tokens=8")
+SMALL = (
+    "train.max_steps=4",
+    "train.save_steps=2",
+    "train.logging_steps=1",
+    "tokenize.max_length=64",
+    "compare.num_examples=1",
+    "compare.max_new_tokens=8",
+)
 
 
 def args(run_dir: Path, *extra: str, batch: int = 2) -> list[str]:
@@ -42,8 +48,11 @@ def here(run_dir: Path, *extra: str, batch: int = 2) -> Result:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    cache = (os.environ.get("RECIPE_TEST_CACHE") or os.environ.get("RECIPE_CACHE")
-             or str(tmp_path_factory.mktemp("recipe-cache")))
+    cache = (
+        os.environ.get("RECIPE_TEST_CACHE")
+        or os.environ.get("RECIPE_CACHE")
+        or str(tmp_path_factory.mktemp("recipe-cache"))
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RECIPE_CACHE", cache)
         mp.setenv("OMP_NUM_THREADS", "1")
@@ -86,12 +95,20 @@ def adapter(run_dir: Path) -> dict[str, object]:
 def test_two_processes_produce_what_one_does(two: tuple[Path, Result]) -> None:
     run_dir, done = two
     assert done.exit_code == 0, done.output
-    assert (f"train: 2 processes (ddp, gloo on the CPU), global batch 2 x 1 x 2 = 4 examples per "
-            f"step; worker output: {run_dir / 'logs' / 'launch.log'}") in done.stdout
+    assert (
+        f"train: 2 processes (ddp, gloo on the CPU), global batch 2 x 1 x 2 = 4 examples per "
+        f"step; worker output: {run_dir / 'logs' / 'launch.log'}"
+    ) in done.stdout
     assert "train: step 4/4 loss" in done.stdout  # rank 0 prints, once
     assert done.stdout.count("train: step 4/4 loss") == 1
-    for out in ("adapter/adapter_model.safetensors", "compare.md", "compare.jsonl", "report.html",
-                "train/log_history.json", "train/final/adapter_model.safetensors"):
+    for out in (
+        "adapter/adapter_model.safetensors",
+        "compare.md",
+        "compare.jsonl",
+        "report.html",
+        "train/log_history.json",
+        "train/final/adapter_model.safetensors",
+    ):
         assert (run_dir / out).is_file(), out
     state = json.loads((run_dir / "state" / "train.json").read_text())
     assert state["status"] == "done"
@@ -101,7 +118,9 @@ def test_two_processes_produce_what_one_does(two: tuple[Path, Result]) -> None:
     assert len(metrics["peak_rss_gib_per_process"]) == 2  # every rank measured, merged
     (attempt,) = (run_dir / "checkpoints").iterdir()
     assert sorted(p.name for p in (attempt / "checkpoint-2").glob("rng_state_*.pth")) == [
-        "rng_state_0.pth", "rng_state_1.pth"]  # one per rank
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ]  # one per rank
     assert not (run_dir / "train" / "stop-requested").exists()
     again = here(run_dir, "--gpus", "2")
     assert again.exit_code == 0, again.output
@@ -109,7 +128,8 @@ def test_two_processes_produce_what_one_does(two: tuple[Path, Result]) -> None:
 
 
 def test_two_processes_of_2_train_like_one_process_of_4(
-        two: tuple[Path, Result], prepared: Path, tmp_path: Path) -> None:
+    two: tuple[Path, Result], prepared: Path, tmp_path: Path
+) -> None:
     """The same global batch gives the same numbers: the code path is the same, only split."""
     one = copy(prepared, tmp_path / "one")
     done = here(one, "--until", "save", batch=4)
@@ -129,14 +149,25 @@ def test_two_processes_of_2_train_like_one_process_of_4(
 
 
 def start(run_dir: Path, env: dict[str, str], **faults: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-c", "from runner.cli import main; main()",
-           *args(run_dir, "--gpus", "2", "--until", "train")]
-    return subprocess.Popen(cmd, cwd=ROOT, env=dict(env, **faults), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = [
+        sys.executable,
+        "-c",
+        "from runner.cli import main; main()",
+        *args(run_dir, "--gpus", "2", "--until", "train"),
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=dict(env, **faults),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_a_killed_rank_ends_the_run_cleanly_and_it_resumes(
-        two: tuple[Path, Result], prepared: Path, tmp_path: Path, env: dict[str, str]) -> None:
+    two: tuple[Path, Result], prepared: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
     run_dir = copy(prepared, tmp_path / "run")
     proc = start(run_dir, env, RECIPE_FAULT="after_step:3", RECIPE_FAULT_RANK="1")
     out, err = proc.communicate(timeout=600)
@@ -144,7 +175,8 @@ def test_a_killed_rank_ends_the_run_cleanly_and_it_resumes(
     log = run_dir / "logs" / "launch.log"
     assert err.strip().splitlines()[-1] == (
         f"error: stage train failed: training process rank 1 was killed by SIGKILL; full log: "
-        f"{log}; `recipe run` resumes from checkpoint 2")
+        f"{log}; `recipe run` resumes from checkpoint 2"
+    )
     assert "Traceback" not in out + err
     assert json.loads((run_dir / "state" / "train.json").read_text())["status"] == "failed"
     resumed = here(run_dir, "--gpus", "2")
@@ -154,7 +186,8 @@ def test_a_killed_rank_ends_the_run_cleanly_and_it_resumes(
 
 
 def test_ctrl_c_checkpoints_after_the_step_and_resumes(
-        two: tuple[Path, Result], prepared: Path, tmp_path: Path, env: dict[str, str]) -> None:
+    two: tuple[Path, Result], prepared: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
     run_dir = copy(prepared, tmp_path / "run")
     proc = start(run_dir, env, RECIPE_FAULT="pause_after_step:1", RECIPE_FAULT_RANK="0")
     marker = run_dir / ".fault-paused"
@@ -168,7 +201,8 @@ def test_ctrl_c_checkpoints_after_the_step_and_resumes(
     assert "interrupt: the training processes save a checkpoint after this step" in err
     assert "train: interrupted at step 1; checkpoint saved, `recipe run` resumes" in out
     assert err.strip().splitlines()[-1] == (
-        "interrupted during train; state saved, `recipe run` resumes")
+        "interrupted during train; state saved, `recipe run` resumes"
+    )
     (attempt,) = (run_dir / "checkpoints").iterdir()
     assert (attempt / "checkpoint-1" / "adapter_model.safetensors").is_file()
     assert json.loads((run_dir / "state" / "train.json").read_text())["status"] == "interrupted"
@@ -184,21 +218,44 @@ def test_two_machines_on_one_host(prepared: Path, tmp_path: Path, env: dict[str,
     from runner.launch import free_port
 
     port = free_port()
-    common = ["--gpus", "1", "--set", "launch.num_machines=2", "--set",
-              "launch.main_process_ip=127.0.0.1", "--set", f"launch.main_process_port={port}"]
+    common = [
+        "--gpus",
+        "1",
+        "--set",
+        "launch.num_machines=2",
+        "--set",
+        "launch.main_process_ip=127.0.0.1",
+        "--set",
+        f"launch.main_process_port={port}",
+    ]
     runs = {rank: copy(prepared, tmp_path / f"machine-{rank}") for rank in (0, 1)}
-    procs = {rank: subprocess.Popen(
-        [sys.executable, "-c", "from runner.cli import main; main()", *args(run_dir), *common,
-         "--set", f"launch.machine_rank={rank}"],
-        cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for rank, run_dir in runs.items()}
+    procs = {
+        rank: subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from runner.cli import main; main()",
+                *args(run_dir),
+                *common,
+                "--set",
+                f"launch.machine_rank={rank}",
+            ],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for rank, run_dir in runs.items()
+    }
     outs = {rank: proc.communicate(timeout=600) for rank, proc in procs.items()}
     for rank, proc in procs.items():
         assert proc.returncode == 0, outs[rank]
     assert "train: 2 processes on 2 machines (ddp, gloo on the CPU)" in outs[0][0]
     assert (runs[0] / "adapter" / "adapter_model.safetensors").is_file()
-    assert outs[1][0].startswith("machine 1: runs the stages up to train; machine 0 writes the "
-                                 "adapter and the reports\n")
+    assert outs[1][0].startswith(
+        "machine 1: runs the stages up to train; machine 0 writes the adapter and the reports\n"
+    )
     assert not (runs[1] / "adapter").exists() and not (runs[1] / "train" / "final").exists()
     again = here(runs[1], *common, "--set", "launch.machine_rank=1")
     assert again.exit_code == 0, again.output

@@ -13,7 +13,9 @@ from runner.plan import STAGE_NAMES, compute_plan, state_path
 from runner.recipe import load_recipe
 
 
-def statuses(recipe_file: Path, overrides: tuple[str, ...] = ()) -> dict[str, tuple[str, list[str]]]:
+def statuses(
+    recipe_file: Path, overrides: tuple[str, ...] = ()
+) -> dict[str, tuple[str, list[str]]]:
     plan = compute_plan(load_recipe(recipe_file, overrides))
     return {st.name: (st.status, st.reasons) for st in plan}
 
@@ -42,7 +44,7 @@ def test_lora_rank_change_reruns_from_quantize_load(small_recipe: Path) -> None:
 
 def test_template_change_reruns_format_and_tokenize_not_the_model(small_recipe: Path) -> None:
     mark_done(small_recipe)
-    st = statuses(small_recipe, ('template.prompt=Question: {{ q }}',))
+    st = statuses(small_recipe, ("template.prompt=Question: {{ q }}",))
     assert st["format"][0] == "stale"
     assert st["format"][1][0].startswith("changed params: template.prompt")
     assert st["tokenize"] == ("stale", ["upstream changed: format"])

@@ -25,9 +25,18 @@ from runner.state import (
 
 
 def _state() -> dict:
-    return new_state("format") | {"status": "done", "fingerprint": "f", "params": {}, "inputs": {},
-                                  "outputs": [], "upstream": {}, "libraries": {}, "started": "s",
-                                  "ended": "e", "metrics": {}}
+    return new_state("format") | {
+        "status": "done",
+        "fingerprint": "f",
+        "params": {},
+        "inputs": {},
+        "outputs": [],
+        "upstream": {},
+        "libraries": {},
+        "started": "s",
+        "ended": "e",
+        "metrics": {},
+    }
 
 
 def test_fingerprint_ignores_key_order() -> None:
@@ -82,11 +91,14 @@ def test_describe_folder_is_content_based(tmp_path: Path) -> None:
 
 
 def test_lock_refuses_a_live_holder(tmp_path: Path) -> None:
-    hold = ("import sys, time\nfrom pathlib import Path\nfrom runner.state import run_lock\n"
-            "with run_lock(Path(sys.argv[1])):\n"
-            "    print('locked', flush=True)\n    time.sleep(30)\n")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE,
-                              text=True)
+    hold = (
+        "import sys, time\nfrom pathlib import Path\nfrom runner.state import run_lock\n"
+        "with run_lock(Path(sys.argv[1])):\n"
+        "    print('locked', flush=True)\n    time.sleep(30)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         with pytest.raises(RecipeError) as e, run_lock(tmp_path):

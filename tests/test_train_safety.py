@@ -59,17 +59,25 @@ def test_complete_checkpoint_is_valid(tmp_path: Path) -> None:
     assert checkpoint_problem(fake_checkpoint(tmp_path, 4)) is None
 
 
-@pytest.mark.parametrize(("damage", "problem"), [
-    (lambda p: (p / "trainer_state.json").unlink(), "trainer_state.json missing or empty"),
-    (lambda p: (p / "trainer_state.json").write_text('{"global'), "trainer_state.json unreadable"),
-    (lambda p: (p / "trainer_state.json").write_text("{}"), "trainer_state.json incomplete"),
-    (lambda p: (p / "optimizer.pt").write_bytes(b""), "optimizer.pt missing or empty"),
-    (lambda p: cut(p / "optimizer.pt"), "optimizer.pt truncated or not a torch archive"),
-    (lambda p: cut(p / "scheduler.pt"), "scheduler.pt truncated or not a torch archive"),
-    (lambda p: cut(p / "adapter_model.safetensors"),
-     "adapter_model.safetensors truncated or not safetensors"),
-    (lambda p: (p / "adapter_model.safetensors").unlink(), "no weights"),
-])
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda p: (p / "trainer_state.json").unlink(), "trainer_state.json missing or empty"),
+        (
+            lambda p: (p / "trainer_state.json").write_text('{"global'),
+            "trainer_state.json unreadable",
+        ),
+        (lambda p: (p / "trainer_state.json").write_text("{}"), "trainer_state.json incomplete"),
+        (lambda p: (p / "optimizer.pt").write_bytes(b""), "optimizer.pt missing or empty"),
+        (lambda p: cut(p / "optimizer.pt"), "optimizer.pt truncated or not a torch archive"),
+        (lambda p: cut(p / "scheduler.pt"), "scheduler.pt truncated or not a torch archive"),
+        (
+            lambda p: cut(p / "adapter_model.safetensors"),
+            "adapter_model.safetensors truncated or not safetensors",
+        ),
+        (lambda p: (p / "adapter_model.safetensors").unlink(), "no weights"),
+    ],
+)
 def test_damaged_checkpoint_is_named(tmp_path: Path, damage, problem: str) -> None:  # type: ignore[no-untyped-def]
     path = fake_checkpoint(tmp_path, 8)
     damage(path)
@@ -83,13 +91,20 @@ def test_half_written_newest_checkpoint_falls_back_to_the_previous(tmp_path: Pat
     found, skipped = newest_valid(tmp_path)
     assert found == tmp_path / "checkpoint-4"
     assert skipped == [
-        "checkpoint 8 skipped: adapter_model.safetensors truncated or not safetensors"]
+        "checkpoint 8 skipped: adapter_model.safetensors truncated or not safetensors"
+    ]
 
 
 def _record(st, finished: bool = False) -> dict:  # type: ignore[no-untyped-def]
-    return {"fingerprint": st.fingerprint, "params": st.params, "inputs": st.inputs,
-            "upstream": st.upstream, "libraries": st.libraries, "finished": finished,
-            "started": "2026-01-01T00:00:00+00:00"}
+    return {
+        "fingerprint": st.fingerprint,
+        "params": st.params,
+        "inputs": st.inputs,
+        "upstream": st.upstream,
+        "libraries": st.libraries,
+        "finished": finished,
+        "started": "2026-01-01T00:00:00+00:00",
+    }
 
 
 def _train_status(recipe_file: Path, *overrides: str):  # type: ignore[no-untyped-def]
@@ -116,8 +131,12 @@ def test_changed_settings_names_what_changed(small_recipe: Path) -> None:
 
 def test_same_settings_resume_and_cadence_changes_nothing(small_recipe: Path) -> None:
     old = _unfinished_attempt(small_recipe)
-    recipe, st = _train_status(small_recipe, "train.logging_steps=1", "train.save_steps=7",
-                               "train.on_changed_settings=refuse")
+    recipe, st = _train_status(
+        small_recipe,
+        "train.logging_steps=1",
+        "train.save_steps=7",
+        "train.on_changed_settings=refuse",
+    )
     assert attempt_dir(recipe.run_dir, st.fingerprint) == old
     assert changed_settings(recipe.run_dir, st) is None
     refuse_abandoning(recipe, st)  # resumes: nothing to refuse
@@ -125,15 +144,17 @@ def test_same_settings_resume_and_cadence_changes_nothing(small_recipe: Path) ->
 
 def test_refuse_stops_before_abandoning_an_unfinished_attempt(small_recipe: Path) -> None:
     old = _unfinished_attempt(small_recipe)
-    recipe, st = _train_status(small_recipe, "train.learning_rate=1e-3",
-                               "train.on_changed_settings=refuse")
+    recipe, st = _train_status(
+        small_recipe, "train.learning_rate=1e-3", "train.on_changed_settings=refuse"
+    )
     with pytest.raises(RecipeError) as e:
         refuse_abandoning(recipe, st)
     assert str(e.value) == (
         f"{recipe.run_dir}: train: attempt {old.name} (stopped at checkpoint 8) would be "
         "abandoned: changed params: train.learning_rate 0.0002 -> 0.001; "
-        "train.on_changed_settings is \"refuse\": undo the change to resume it, or pass "
-        "--set train.on_changed_settings=restart to start a new attempt")
+        'train.on_changed_settings is "refuse": undo the change to resume it, or pass '
+        "--set train.on_changed_settings=restart to start a new attempt"
+    )
     recipe, st = _train_status(small_recipe, "train.learning_rate=1e-3")
     refuse_abandoning(recipe, st)  # restart (the default) lets it through
 
@@ -143,18 +164,29 @@ def test_refuse_lets_a_finished_attempt_go(small_recipe: Path) -> None:
     folder = attempt_dir(recipe.run_dir, st.fingerprint)
     fake_checkpoint(folder, 8)
     write_attempt(folder, _record(st, finished=True))
-    recipe, st = _train_status(small_recipe, "train.learning_rate=1e-3",
-                               "train.on_changed_settings=refuse")
+    recipe, st = _train_status(
+        small_recipe, "train.learning_rate=1e-3", "train.on_changed_settings=refuse"
+    )
     refuse_abandoning(recipe, st)
 
 
 def test_refuse_through_the_cli_exits_2_before_any_stage(small_recipe: Path) -> None:
     _unfinished_attempt(small_recipe)
-    result = CliRunner().invoke(cli, ["run", str(small_recipe), "--set", "train.learning_rate=1e-3",
-                                      "--set", "train.on_changed_settings=refuse"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(small_recipe),
+            "--set",
+            "train.learning_rate=1e-3",
+            "--set",
+            "train.on_changed_settings=refuse",
+        ],
+    )
     assert result.exit_code == 2, result.output
-    assert ("would be abandoned: changed params: train.learning_rate 0.0002 -> 0.001"
-            in result.output)
+    assert (
+        "would be abandoned: changed params: train.learning_rate 0.0002 -> 0.001" in result.output
+    )
     assert not (load_recipe(small_recipe).run_dir / "state" / "format.json").exists()
 
 
@@ -166,10 +198,22 @@ def test_plan_names_the_checkpoint_on_disk(small_recipe: Path) -> None:
     recipe, st = _train_status(small_recipe)
     fake_checkpoint(attempt_dir(recipe.run_dir, st.fingerprint), 4)
     fake_checkpoint(attempt_dir(recipe.run_dir, st.fingerprint), 8)
-    write_json_atomic(state_path(recipe.run_dir, "train"), new_state("train") | {
-        "status": "running", "fingerprint": st.fingerprint, "params": st.params,
-        "inputs": st.inputs, "upstream": st.upstream, "libraries": st.libraries,
-        "started": "t", "ended": None, "metrics": {"last_checkpoint_step": 4}, "outputs": []})
+    write_json_atomic(
+        state_path(recipe.run_dir, "train"),
+        new_state("train")
+        | {
+            "status": "running",
+            "fingerprint": st.fingerprint,
+            "params": st.params,
+            "inputs": st.inputs,
+            "upstream": st.upstream,
+            "libraries": st.libraries,
+            "started": "t",
+            "ended": None,
+            "metrics": {"last_checkpoint_step": 4},
+            "outputs": [],
+        },
+    )
     _, st = _train_status(small_recipe)
     assert st.status == "pending"
     assert st.reasons == ["last run did not finish; resumes from checkpoint 8"]
@@ -177,21 +221,27 @@ def test_plan_names_the_checkpoint_on_disk(small_recipe: Path) -> None:
 
 # ------------------------------------------------------------------------------ the run lock
 
-HOLD = ("import sys, time\nfrom pathlib import Path\nfrom runner.state import run_lock\n"
-        "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n")
+HOLD = (
+    "import sys, time\nfrom pathlib import Path\nfrom runner.state import run_lock\n"
+    "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n"
+)
 
 
 def test_second_process_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        second = subprocess.run([sys.executable, "-c", HOLD, str(tmp_path)], capture_output=True,
-                                text=True, timeout=60)
+        second = subprocess.run(
+            [sys.executable, "-c", HOLD, str(tmp_path)], capture_output=True, text=True, timeout=60
+        )
         assert second.returncode == 1 and "locked" not in second.stdout
-        assert (f"{tmp_path}: another `recipe run` (pid {holder.pid}) is using this run directory; "
-                f"wait for it to finish; `kill -INT {holder.pid}` stops it after saving a "
-                "checkpoint") in second.stderr
+        assert (
+            f"{tmp_path}: another `recipe run` (pid {holder.pid}) is using this run directory; "
+            f"wait for it to finish; `kill -INT {holder.pid}` stops it after saving a "
+            "checkpoint"
+        ) in second.stderr
     finally:
         holder.kill()
         holder.wait()
@@ -201,6 +251,7 @@ def test_second_process_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------ outputs, ownership
+
 
 def test_stage_outputs_are_fixed_paths_inside_the_run_dir(tmp_path: Path) -> None:
     for stage in STAGES:
@@ -219,12 +270,14 @@ def test_another_recipes_run_dir_needs_force(small_recipe: Path) -> None:
     recipe = load_recipe(small_recipe)
     check_ownership(recipe, force=False)
     other = load_recipe(small_recipe, ("recipe.name=other",))
-    result = CliRunner().invoke(cli, ["run", str(small_recipe), "--set", "recipe.name=other",
-                                      "--until", "format"])
+    result = CliRunner().invoke(
+        cli, ["run", str(small_recipe), "--set", "recipe.name=other", "--until", "format"]
+    )
     assert result.exit_code == 2
     assert result.output.strip() == (
         f"{recipe.run_dir}: holds the runs of recipe 'small', not 'other'; set recipe.output_dir "
-        "to another folder, or pass --force to reuse it")
+        "to another folder, or pass --force to reuse it"
+    )
     assert not (recipe.run_dir / "state" / "format.json").exists()
     check_ownership(other, force=True)
     owner = json.loads((recipe.run_dir / "state" / "owner.json").read_text())
@@ -233,13 +286,15 @@ def test_another_recipes_run_dir_needs_force(small_recipe: Path) -> None:
 
 # ------------------------------------------------------------------------------- the recipe
 
+
 def test_early_stopping_needs_evaluation(small_recipe: Path) -> None:
     with pytest.raises(RecipeError) as e:
         load_recipe(small_recipe, ("train.early_stopping_patience=2",))
     assert e.value.lines == [
         "--set train.early_stopping_patience=2: $.train.early_stopping_patience: early stopping "
         "watches the held-out loss: set train.eval_steps > 0 (e.g. the same as save_steps), or "
-        "early_stopping_patience = 0"]
+        "early_stopping_patience = 0"
+    ]
     recipe = load_recipe(small_recipe, ("train.eval_steps=5", "train.early_stopping_patience=2"))
     assert recipe.get("train.early_stopping_threshold") == 0.0
 
@@ -252,7 +307,8 @@ def test_evaluation_needs_held_out_rows(small_recipe: Path) -> None:
         load_recipe(small_recipe, ("train.eval_steps=5",))
     assert e.value.lines == [
         "--set train.eval_steps=5: $.train.eval_steps: evaluation needs held-out rows: set "
-        "dataset.heldout_rows > 0 or dataset.heldout_split, or train.eval_steps = 0"]
+        "dataset.heldout_rows > 0 or dataset.heldout_split, or train.eval_steps = 0"
+    ]
 
 
 def test_on_changed_settings_and_eval_do_not_all_restart(small_recipe: Path) -> None:
@@ -265,6 +321,7 @@ def test_on_changed_settings_and_eval_do_not_all_restart(small_recipe: Path) -> 
 
 # ----------------------------------------------------------------------------- progress
 
+
 def test_progress_lines_carry_loss_speed_and_eta() -> None:
     lines: list[str] = []
     now = [100.0]
@@ -275,8 +332,10 @@ def test_progress_lines_carry_loss_speed_and_eta() -> None:
     progress.logged(5, {"loss": 2.5, "learning_rate": 1e-3, "epoch": 0.1})
     progress.logged(5, {"eval_loss": 2.25})
     progress.stop()
-    assert lines == ["train: step 5/12 loss 2.5000 lr 1.00e-03, 250 tok/s, ETA 0:00:14",
-                     "train: step 5/12 eval loss 2.2500"]
+    assert lines == [
+        "train: step 5/12 loss 2.5000 lr 1.00e-03, 250 tok/s, ETA 0:00:14",
+        "train: step 5/12 eval loss 2.2500",
+    ]
 
 
 def test_progress_bar_on_a_terminal() -> None:

@@ -31,17 +31,23 @@ def _all_files(recipe: Recipe) -> list[Path] | None:
     elif raw.count("/") == 1 and not raw.startswith((".", "/", "~")) and not Path(raw).suffix:
         return None  # hub id, e.g. HasturOfficial/adgen
     else:
-        raise RecipeError(f"{recipe.origin('dataset.path')}: $.dataset.path: {target} not found; "
-                          "give a local json/jsonl/csv/parquet file, folder or glob, or a hub id")
+        raise RecipeError(
+            f"{recipe.origin('dataset.path')}: $.dataset.path: {target} not found; "
+            "give a local json/jsonl/csv/parquet file, folder or glob, or a hub id"
+        )
     files = [f for f in files if f.suffix in BUILDERS]
     if not files:
-        raise RecipeError(f"{recipe.origin('dataset.path')}: $.dataset.path: "
-                          f"no .json/.jsonl/.csv/.parquet files in {target}")
+        raise RecipeError(
+            f"{recipe.origin('dataset.path')}: $.dataset.path: "
+            f"no .json/.jsonl/.csv/.parquet files in {target}"
+        )
     kinds = {BUILDERS[f.suffix] for f in files}
     if len(kinds) > 1:
-        raise RecipeError(f"{recipe.origin('dataset.path')}: $.dataset.path: "
-                          f"mixed file types ({', '.join(sorted(kinds))}); "
-                          "use one format per dataset")
+        raise RecipeError(
+            f"{recipe.origin('dataset.path')}: $.dataset.path: "
+            f"mixed file types ({', '.join(sorted(kinds))}); "
+            "use one format per dataset"
+        )
     return files
 
 
@@ -51,16 +57,26 @@ def local_files(recipe: Recipe, split: str | None = None) -> list[Path] | None:
     files = _all_files(recipe)
     if files is None or split is None:
         return files
-    key = "dataset.heldout_split" if split != parse_split(recipe.get("dataset.split"))[0] else "dataset.split"
+    key = (
+        "dataset.heldout_split"
+        if split != parse_split(recipe.get("dataset.split"))[0]
+        else "dataset.split"
+    )
     if recipe.resolve(recipe.get("dataset.path")).is_dir():
-        named = [f for f in files if f.stem == split or re.match(rf"^{re.escape(split)}[-_.]", f.stem)]
+        named = [
+            f for f in files if f.stem == split or re.match(rf"^{re.escape(split)}[-_.]", f.stem)
+        ]
         if not named:
-            raise RecipeError(f"{recipe.path}: $.{key}: no file for split {split!r} in "
-                              f"{recipe.get('dataset.path')}; files: {', '.join(f.name for f in files)}")
+            raise RecipeError(
+                f"{recipe.path}: $.{key}: no file for split {split!r} in "
+                f"{recipe.get('dataset.path')}; files: {', '.join(f.name for f in files)}"
+            )
         return named
     if split != "train":
-        raise RecipeError(f"{recipe.path}: $.{key}: {recipe.get('dataset.path')} is one file, the split "
-                          f"'train'; use heldout_rows, or point dataset.path at a folder of split files")
+        raise RecipeError(
+            f"{recipe.path}: $.{key}: {recipe.get('dataset.path')} is one file, the split "
+            f"'train'; use heldout_rows, or point dataset.path at a folder of split files"
+        )
     return files
 
 
@@ -112,12 +128,14 @@ def load_split(recipe: Recipe, spec: str) -> Any:
             raise RecipeError(f"{recipe.origin('dataset.path')}: $.dataset.path: {problem}")
     try:
         if files is None:
-            loaded = datasets.load_dataset(ds_cfg["path"], ds_cfg["name"], revision=ds_cfg["revision"],
-                                           split=split)
+            loaded = datasets.load_dataset(
+                ds_cfg["path"], ds_cfg["name"], revision=ds_cfg["revision"], split=split
+            )
         else:
             builder = BUILDERS[files[0].suffix]
-            loaded = datasets.load_dataset(builder, data_files={split: [str(f) for f in files]},
-                                           split=split)
+            loaded = datasets.load_dataset(
+                builder, data_files={split: [str(f) for f in files]}, split=split
+            )
     except ValueError as e:
         raise RecipeError(f"{recipe.path}: $.dataset.split: {e}".splitlines()[0]) from None
     except Exception as e:  # malformed files, network, unknown split: one line
@@ -129,13 +147,17 @@ def load_split(recipe: Recipe, spec: str) -> Any:
 def _explain_load_error(files: list[Path] | None, error: Exception) -> str:
     if files is None:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return (f"cannot load the hub dataset: {first}; without network, download it elsewhere "
-                "and point dataset.path at the local files")
+        return (
+            f"cannot load the hub dataset: {first}; without network, download it elsewhere "
+            "and point dataset.path at the local files"
+        )
     for f in files:
         problem = find_bad_line(f)
         if problem:
             return problem
-    return f"cannot read {', '.join(map(str, files))}: {type(error).__name__}: {error}".splitlines()[0]
+    return (
+        f"cannot read {', '.join(map(str, files))}: {type(error).__name__}: {error}".splitlines()[0]
+    )
 
 
 def check_text(path: Path) -> str | None:
@@ -150,8 +172,10 @@ def check_text(path: Path) -> str | None:
                 try:
                     raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    return (f"{path}:{number}: not UTF-8 (byte {offset + e.start}); "
-                            "convert the file to UTF-8")
+                    return (
+                        f"{path}:{number}: not UTF-8 (byte {offset + e.start}); "
+                        "convert the file to UTF-8"
+                    )
                 offset += len(raw)
                 blank = blank and not raw.strip()
     except OSError as e:

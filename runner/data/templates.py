@@ -33,8 +33,10 @@ def template_sources(recipe: Recipe) -> dict[str, TemplateText]:
         try:
             out[part] = TemplateText(str(path), path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise RecipeError(f"{where}: $.template.{part}_file: {path} not found; "
-                              "check the path (relative to the file that sets it)") from None
+            raise RecipeError(
+                f"{where}: $.template.{part}_file: {path} not found; "
+                "check the path (relative to the file that sets it)"
+            ) from None
         except (OSError, UnicodeDecodeError) as e:
             raise RecipeError(f"{where}: $.template.{part}_file: cannot read {path}: {e}") from None
     return out
@@ -50,9 +52,11 @@ def template_identity(recipe: Recipe) -> dict[str, str]:
         if key in section:
             path = recipe.resolve(section[key])
             if not path.is_file():
-                raise RecipeError(f"{recipe.origin('template.' + key)}: $.template.{key}: "
-                                  f"{path} not found; check the path "
-                                  "(relative to the file that sets it)")
+                raise RecipeError(
+                    f"{recipe.origin('template.' + key)}: $.template.{key}: "
+                    f"{path} not found; check the path "
+                    "(relative to the file that sets it)"
+                )
             out[recipe.portable(section[key], path)] = sha256_file(path)
     return out
 
@@ -72,15 +76,21 @@ class Renderer:
             def get_source(self, environment: Any, template: str) -> Any:
                 raise SecurityError(f"templates cannot read files ({template!r})")
 
-        env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False,
-                                            autoescape=False, loader=NoFiles())
+        env = ImmutableSandboxedEnvironment(
+            undefined=StrictUndefined,
+            keep_trailing_newline=False,
+            autoescape=False,
+            loader=NoFiles(),
+        )
         self.sources = sources
         self.templates: dict[str, Any] = {}
         for part, text in sources.items():
             try:
                 self.templates[part] = env.from_string(text.source)
             except TemplateSyntaxError as e:
-                raise RecipeError(f"{text.name}:{e.lineno}: template syntax error: {e.message}") from None
+                raise RecipeError(
+                    f"{text.name}:{e.lineno}: template syntax error: {e.message}"
+                ) from None
 
     def render_part(self, part: str, row: dict[str, Any], index: int, where: str = "row") -> str:
         from jinja2 import UndefinedError
@@ -94,13 +104,17 @@ class Renderer:
         except UndefinedError as e:
             hint = ""
             if str(e.message).endswith("is undefined"):
-                hint = (f"; the row has columns: {', '.join(sorted(row))} "
-                        "(rename with [dataset.columns])")
+                hint = (
+                    f"; the row has columns: {', '.join(sorted(row))} "
+                    "(rename with [dataset.columns])"
+                )
             raise RecipeError(f"{name}: {where} {index}: {e.message}{hint}") from None
         except Exception as e:  # a filter or operator failed on this row's values
             first = str(e).splitlines()[0] if str(e) else ""
             raise RecipeError(f"{name}: {where} {index}: {type(e).__name__}: {first}") from None
 
     def render(self, row: dict[str, Any], index: int, where: str = "row") -> tuple[str, str]:
-        return (self.render_part("prompt", row, index, where),
-                self.render_part("response", row, index, where))
+        return (
+            self.render_part("prompt", row, index, where),
+            self.render_part("response", row, index, where),
+        )

@@ -209,13 +209,19 @@ def quantized_linears(model: Any) -> list[tuple[str, int, int]]:
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    quantized = [(n, m.in_features, m.out_features) for n, m in model.named_modules()
-                 if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    quantized = [
+        (n, m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+    ]
     if quantized:
         return quantized
     skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
-    return [(n, m.in_features, m.out_features) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and should_convert_module(n, skip)]
+    return [
+        (n, m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and should_convert_module(n, skip)
+    ]
 
 
 def cpu_4bit_problem(recipe: Recipe, model: Any) -> str | None:
@@ -225,11 +231,13 @@ def cpu_4bit_problem(recipe: Recipe, model: Any) -> str | None:
         return None
     for name, fin, fout in quantized_linears(model):
         if fin % 64 or fout % 32:
-            return (f"{recipe.origin('quantization.load_in_4bit')}: $.quantization.load_in_4bit: "
-                    "on the CPU, bitsandbytes' 4-bit kernel needs linear layers with in_features "
-                    "a multiple of 64 and out_features a multiple of 32; "
-                    f"{name} is {fin} -> {fout}: "
-                    "set load_in_4bit = false (plain LoRA) or load_in_8bit = true, or run on a GPU")
+            return (
+                f"{recipe.origin('quantization.load_in_4bit')}: $.quantization.load_in_4bit: "
+                "on the CPU, bitsandbytes' 4-bit kernel needs linear layers with in_features "
+                "a multiple of 64 and out_features a multiple of 32; "
+                f"{name} is {fin} -> {fout}: "
+                "set load_in_4bit = false (plain LoRA) or load_in_8bit = true, or run on a GPU"
+            )
     return None
 
 
@@ -242,14 +250,19 @@ def precision_problems(recipe: Recipe, cuda: bool, bf16_ok: bool) -> list[str]:
         problems.append(
             f"{recipe.origin('quantization.bnb_4bit_compute_dtype')}: "
             "$.quantization.bnb_4bit_compute_dtype: this GPU has no bf16 support; "
-            "use \"float16\" or \"auto\"")
+            'use "float16" or "auto"'
+        )
     if cuda and not bf16_ok and recipe.get("train.bf16") is True:
-        problems.append(f"{recipe.origin('train.bf16')}: $.train.bf16: this GPU has no bf16 "
-                        "support; set bf16 = \"auto\" (or fp16 = true)")
+        problems.append(
+            f"{recipe.origin('train.bf16')}: $.train.bf16: this GPU has no bf16 "
+            'support; set bf16 = "auto" (or fp16 = true)'
+        )
     if not cuda and recipe.get("train.fp16"):
-        problems.append(f"{recipe.origin('train.fp16')}: $.train.fp16: fp16 mixed precision "
-                        "needs a CUDA GPU and none is here; set fp16 = false "
-                        "(bf16 = \"auto\" picks for you)")
+        problems.append(
+            f"{recipe.origin('train.fp16')}: $.train.fp16: fp16 mixed precision "
+            "needs a CUDA GPU and none is here; set fp16 = false "
+            '(bf16 = "auto" picks for you)'
+        )
     return problems
 
 
@@ -261,8 +274,9 @@ def hardware() -> tuple[bool, bool]:
     return cuda, bool(cuda and torch.cuda.is_bf16_supported())
 
 
-def lora_config(recipe: Recipe, targets: list[str] | str,
-                modules_to_save: list[str] | None = None) -> Any:
+def lora_config(
+    recipe: Recipe, targets: list[str] | str, modules_to_save: list[str] | None = None
+) -> Any:
     from peft import LoraConfig
 
     lora = recipe.section("lora")
@@ -274,8 +288,9 @@ def lora_config(recipe: Recipe, targets: list[str] | str,
         bias=lora["bias"],
         use_dora=lora["use_dora"],
         use_rslora=lora["use_rslora"],
-        modules_to_save=(modules_to_save if modules_to_save is not None
-                         else lora["modules_to_save"] or None),
+        modules_to_save=(
+            modules_to_save if modules_to_save is not None else lora["modules_to_save"] or None
+        ),
         layers_to_transform=lora["layers_to_transform"],
         task_type="CAUSAL_LM",
     )

@@ -48,7 +48,10 @@ def _tiny_settings(recipe: Recipe) -> dict[str, Any]:
 
 
 def _folder_files(folder: Path, names: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Small files by content hash; weight files by size and mtime (hashing 12 GB per plan is too slow)."""
+    """Small files by content hash; weight files by size and mtime.
+
+    Hashing 12 GB of weights per plan is too slow.
+    """
     out: dict[str, Any] = {}
     for f in sorted(p for p in folder.iterdir() if p.is_file()):
         if names is not None and f.name not in names:
@@ -162,7 +165,8 @@ def _download(recipe: Recipe, ident: dict[str, Any]) -> Path:
     except Exception as e:  # network, auth, missing repo: one line for the user
         raise RecipeError(
             f"{recipe.path}: $.model.name_or_path: cannot fetch {ident['id']!r} "
-            f"(revision {ident['revision']}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+            f"(revision {ident['revision']}): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}; "
             "without network, download it elsewhere and set name_or_path to the local folder"
         ) from None
 
@@ -252,7 +256,10 @@ def remote_code_note(recipe: Recipe) -> str | None:
 
 
 def _random_weights(folder: Path, ident: dict[str, Any], log: Callable[[str], None]) -> Path:
-    """The model of `folder`'s config.json with seeded random weights (on the GPU when there is one)."""
+    """The model of `folder`'s config.json with seeded random weights.
+
+    The weights are generated on the GPU when there is one.
+    """
     out = cache_root() / "random" / f"random-{fingerprint({'src': ident, 'v': 1})}"
     if (out / "config.json").is_file():
         return out

@@ -1,4 +1,7 @@
-"""TOML in, a validated Recipe out: parse, apply --set overrides, check schema and cross-field rules."""
+"""TOML in, a validated Recipe out.
+
+Parse, apply --set overrides, check schema and cross-field rules.
+"""
 
 from __future__ import annotations
 
@@ -56,8 +59,9 @@ def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     if not all(path):
         raise RecipeError(f"--set {item}: empty key part; write it as table.key=value")
     if path[0] == "extends":
-        raise RecipeError(f"--set {item}: extends cannot be set on the command line; "
-                          "write it in the recipe file")
+        raise RecipeError(
+            f"--set {item}: extends cannot be set on the command line; write it in the recipe file"
+        )
     try:
         value: Any = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -81,57 +85,100 @@ def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     node[path[-1]] = value
 
 
-def cross_field_errors(written: dict[str, Any], data: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+def cross_field_errors(
+    written: dict[str, Any], data: dict[str, Any]
+) -> list[tuple[tuple[str, ...], str]]:
     """Rules a JSON Schema cannot say clearly. `written` is the recipe without defaults."""
     errors: list[tuple[tuple[str, ...], str]] = []
     q_written = written.get("quantization", {})
     q = data["quantization"]
     if q["load_in_4bit"] and q["load_in_8bit"]:
-        errors.append((("quantization", "load_in_8bit"),
-                       "load_in_8bit and load_in_4bit are both true; set one of them to false"))
+        errors.append(
+            (
+                ("quantization", "load_in_8bit"),
+                "load_in_8bit and load_in_4bit are both true; set one of them to false",
+            )
+        )
     if not q["load_in_4bit"]:
         for key in sorted(k for k in q_written if k.startswith("bnb_4bit_")):
-            errors.append((("quantization", key),
-                           f"{key} is set but load_in_4bit is false; remove it or set load_in_4bit = true"))
+            errors.append(
+                (
+                    ("quantization", key),
+                    f"{key} is set but load_in_4bit is false; remove it or set load_in_4bit = true",
+                )
+            )
     train = data["train"]
     if train["bf16"] is True and train["fp16"]:
         errors.append((("train", "fp16"), "fp16 and bf16 are both true; choose one"))
     if train["fp16"] and q["load_in_4bit"] and q["bnb_4bit_compute_dtype"] == "bfloat16":
-        errors.append((("train", "fp16"),
-                       "fp16 = true with bnb_4bit_compute_dtype = \"bfloat16\" mixes dtypes; "
-                       "use bf16 = true (or compute dtype float16 on GPUs without bf16)"))
+        errors.append(
+            (
+                ("train", "fp16"),
+                'fp16 = true with bnb_4bit_compute_dtype = "bfloat16" mixes dtypes; '
+                "use bf16 = true (or compute dtype float16 on GPUs without bf16)",
+            )
+        )
     if train["bf16"] is True and q["load_in_4bit"] and q["bnb_4bit_compute_dtype"] == "float16":
-        errors.append((("train", "bf16"),
-                       "bf16 = true with bnb_4bit_compute_dtype = \"float16\" mixes dtypes; "
-                       "use compute dtype \"bfloat16\" (or fp16 = true on GPUs without bf16)"))
+        errors.append(
+            (
+                ("train", "bf16"),
+                'bf16 = true with bnb_4bit_compute_dtype = "float16" mixes dtypes; '
+                'use compute dtype "bfloat16" (or fp16 = true on GPUs without bf16)',
+            )
+        )
     model = data["model"]
     if model["trust_remote_code"] and not model.get("revision"):
-        errors.append((("model", "trust_remote_code"),
-                       "trust_remote_code = true needs a pinned model.revision (a commit hash), "
-                       "so the code that runs cannot change under you"))
+        errors.append(
+            (
+                ("model", "trust_remote_code"),
+                "trust_remote_code = true needs a pinned model.revision (a commit hash), "
+                "so the code that runs cannot change under you",
+            )
+        )
     if "tiny" in written.get("model", {}) and model["name_or_path"] != BUILTIN_TINY:
-        errors.append((("model", "tiny"),
-                       f"[model.tiny] only applies to name_or_path = \"{BUILTIN_TINY}\"; remove it"))
+        errors.append(
+            (
+                ("model", "tiny"),
+                f'[model.tiny] only applies to name_or_path = "{BUILTIN_TINY}"; remove it',
+            )
+        )
     template = written.get("template", {})
     for part in ("prompt", "response"):
         given = [k for k in (part, f"{part}_file") if k in template]
         if len(given) != 1:
             what = "both" if given else "neither"
-            errors.append((("template", part),
-                           f"{what} of {part} and {part}_file given; set exactly one"))
+            errors.append(
+                (("template", part), f"{what} of {part} and {part}_file given; set exactly one")
+            )
     ds = data["dataset"]
-    if data["compare"]["num_examples"] > 0 and ds["heldout_split"] is None and ds["heldout_rows"] == 0:
-        errors.append((("compare", "num_examples"),
-                       "compare needs held-out rows: set dataset.heldout_rows > 0 or dataset.heldout_split, "
-                       "or compare.num_examples = 0"))
+    if (
+        data["compare"]["num_examples"] > 0
+        and ds["heldout_split"] is None
+        and ds["heldout_rows"] == 0
+    ):
+        errors.append(
+            (
+                ("compare", "num_examples"),
+                "compare needs held-out rows: set dataset.heldout_rows > 0 "
+                "or dataset.heldout_split, or compare.num_examples = 0",
+            )
+        )
     if train["eval_steps"] > 0 and ds["heldout_split"] is None and ds["heldout_rows"] == 0:
-        errors.append((("train", "eval_steps"),
-                       "evaluation needs held-out rows: set dataset.heldout_rows > 0 or "
-                       "dataset.heldout_split, or train.eval_steps = 0"))
+        errors.append(
+            (
+                ("train", "eval_steps"),
+                "evaluation needs held-out rows: set dataset.heldout_rows > 0 or "
+                "dataset.heldout_split, or train.eval_steps = 0",
+            )
+        )
     if train["early_stopping_patience"] > 0 and train["eval_steps"] == 0:
-        errors.append((("train", "early_stopping_patience"),
-                       "early stopping watches the held-out loss: set train.eval_steps > 0 "
-                       "(e.g. the same as save_steps), or early_stopping_patience = 0"))
+        errors.append(
+            (
+                ("train", "early_stopping_patience"),
+                "early stopping watches the held-out loss: set train.eval_steps > 0 "
+                "(e.g. the same as save_steps), or early_stopping_patience = 0",
+            )
+        )
     errors.extend(launch_errors(data))
     return errors
 
@@ -141,32 +188,56 @@ def launch_errors(data: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
     errors: list[tuple[tuple[str, ...], str]] = []
     launch, q, train = data["launch"], data["quantization"], data["train"]
     if launch["machine_rank"] >= launch["num_machines"]:
-        errors.append((("launch", "machine_rank"),
-                       f"machine_rank {launch['machine_rank']} is not below num_machines "
-                       f"{launch['num_machines']}; machines are numbered 0 to num_machines - 1"))
-    if launch["num_machines"] > 1 and launch["main_process_ip"] is None and launch["config_file"] is None:
-        errors.append((("launch", "main_process_ip"),
-                       "several machines need the address of machine 0: set main_process_ip "
-                       "(or an accelerate config_file)"))
+        errors.append(
+            (
+                ("launch", "machine_rank"),
+                f"machine_rank {launch['machine_rank']} is not below num_machines "
+                f"{launch['num_machines']}; machines are numbered 0 to num_machines - 1",
+            )
+        )
+    if (
+        launch["num_machines"] > 1
+        and launch["main_process_ip"] is None
+        and launch["config_file"] is None
+    ):
+        errors.append(
+            (
+                ("launch", "main_process_ip"),
+                "several machines need the address of machine 0: set main_process_ip "
+                "(or an accelerate config_file)",
+            )
+        )
     if launch["strategy"] != "fsdp":
         return errors
     if q["load_in_8bit"]:
-        errors.append((("launch", "strategy"),
-                       "FSDP cannot shard 8-bit (LLM.int8) weights; use quantization.load_in_4bit "
-                       "with bnb_4bit_quant_storage = the compute dtype, or strategy = \"ddp\""))
+        errors.append(
+            (
+                ("launch", "strategy"),
+                "FSDP cannot shard 8-bit (LLM.int8) weights; use quantization.load_in_4bit "
+                'with bnb_4bit_quant_storage = the compute dtype, or strategy = "ddp"',
+            )
+        )
     if q["load_in_4bit"]:
         compute = q["bnb_4bit_compute_dtype"]
         wanted = "bfloat16" if compute == "auto" else compute
         if q["bnb_4bit_quant_storage"] != wanted:
-            errors.append((("quantization", "bnb_4bit_quant_storage"),
-                           f"FSDP shards 4-bit weights only when they are stored in the compute "
-                           f"dtype; set bnb_4bit_quant_storage = \"{wanted}\" (now "
-                           f"\"{q['bnb_4bit_quant_storage']}\")"))
+            errors.append(
+                (
+                    ("quantization", "bnb_4bit_quant_storage"),
+                    f"FSDP shards 4-bit weights only when they are stored in the compute "
+                    f'dtype; set bnb_4bit_quant_storage = "{wanted}" (now '
+                    f'"{q["bnb_4bit_quant_storage"]}")',
+                )
+            )
     if "8bit" in train["optim"]:
-        errors.append((("train", "optim"),
-                       f"FSDP cannot shard the state of the bitsandbytes optimizer "
-                       f"\"{train['optim']}\"; use optim = \"adamw_torch\" (the adapters are "
-                       "small: the 32-bit state costs little)"))
+        errors.append(
+            (
+                ("train", "optim"),
+                f"FSDP cannot shard the state of the bitsandbytes optimizer "
+                f'"{train["optim"]}"; use optim = "adamw_torch" (the adapters are '
+                "small: the 32-bit state costs little)",
+            )
+        )
     return errors
 
 
@@ -211,8 +282,14 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] | list[str] = ()) -
         raise InvalidRecipe(errors)
     where = {".".join(k): o.path for k, o in origins.items() if o.path != path}
     where.update({".".join(k): path for k in from_set})  # --set paths are relative to the recipe
-    return Recipe(path=path, data=full, written=written, overrides=tuple(overrides),
-                  origins=where, files=tuple(merged.files))
+    return Recipe(
+        path=path,
+        data=full,
+        written=written,
+        overrides=tuple(overrides),
+        origins=where,
+        files=tuple(merged.files),
+    )
 
 
 def validation_report(files: Sequence[Path], overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -225,6 +302,7 @@ def validation_report(files: Sequence[Path], overrides: Sequence[str] = ()) -> l
         except InvalidRecipe as e:
             found.extend(p.as_json() for p in e.problems)
         except RecipeError as e:
-            found.extend({"file": str(f), "line": None, "path": None, "message": line}
-                         for line in e.lines)
+            found.extend(
+                {"file": str(f), "line": None, "path": None, "message": line} for line in e.lines
+            )
     return found

@@ -16,7 +16,7 @@ METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 
 
 def segmentation(reference: str) -> str:
-    """"jieba" when the reference contains Chinese characters, else "char"."""
+    """ "jieba" when the reference contains Chinese characters, else "char"."""
     return "jieba" if HAN.search(reference) else "char"
 
 
@@ -63,8 +63,12 @@ def scores(prediction: str, reference: str) -> dict[str, float]:
         pred_chars, ref_chars = pred_tokens, ref_tokens
     r1, r2, rl = _rouge(pred_tokens, ref_tokens)
     bleu = _bleu4(pred_chars, ref_chars)
-    return {"bleu-4": round(100 * bleu, 2), "rouge-1": round(100 * r1, 2),
-            "rouge-2": round(100 * r2, 2), "rouge-l": round(100 * rl, 2)}
+    return {
+        "bleu-4": round(100 * bleu, 2),
+        "rouge-1": round(100 * r1, 2),
+        "rouge-2": round(100 * r2, 2),
+        "rouge-l": round(100 * rl, 2),
+    }
 
 
 def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -76,6 +80,9 @@ def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     scored = [r for r in rows if r.get("reference")]
     segmented = sorted({segmentation(r["reference"]) for r in scored})
-    return {"before": mean_scores([r["before_scores"] for r in scored]),
-            "after": mean_scores([r["after_scores"] for r in scored]),
-            "scored_examples": len(scored), "segmentation": "+".join(segmented)}
+    return {
+        "before": mean_scores([r["before_scores"] for r in scored]),
+        "after": mean_scores([r["after_scores"] for r in scored]),
+        "scored_examples": len(scored),
+        "segmentation": "+".join(segmented),
+    }

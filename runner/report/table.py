@@ -14,8 +14,10 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     lines += metric_lines(summary)
     lines += ["", "| # | prompt | reference | before | after |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['index']} | {_cell(r['prompt'])} | {_cell(r.get('reference') or '')} | "
-                     f"{_cell(r['before'])} | {_cell(r['after'])} |")
+        lines.append(
+            f"| {r['index']} | {_cell(r['prompt'])} | {_cell(r.get('reference') or '')} | "
+            f"{_cell(r['before'])} | {_cell(r['after'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -22,9 +22,14 @@ def prompts(ctx: Context) -> list[dict[str, Any]]:
 
     cfg = ctx.recipe.section("compare")
     heldout = load_from_disk(str(ctx.path("data/formatted")), keep_in_memory=True)["heldout"]
-    rows = [{"prompt": p, "reference": r}
-            for p, r in zip(heldout["prompt"][: cfg["num_examples"]],
-                            heldout["response"][: cfg["num_examples"]], strict=True)]
+    rows = [
+        {"prompt": p, "reference": r}
+        for p, r in zip(
+            heldout["prompt"][: cfg["num_examples"]],
+            heldout["response"][: cfg["num_examples"]],
+            strict=True,
+        )
+    ]
     renderer = Renderer(template_sources(ctx.recipe))
     for i, extra in enumerate(cfg["prompts"]):
         rows.append({"prompt": renderer.render_part("prompt", extra, i), "reference": None})
@@ -48,12 +53,16 @@ def heldout_loss(model: Any, tok: Any, ctx: Context) -> float | None:
         for start in range(0, n, 8):
             rows = [data[i] for i in range(start, min(n, start + 8))]
             batch = {k: v.to(model.device) for k, v in collate(rows).items()}
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             labels = batch["labels"][:, 1:]
             losses = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                ignore_index=-100, reduction="sum")
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
             total += float(losses)
             count += int((labels != -100).sum())
     return total / max(count, 1)
@@ -87,15 +96,22 @@ def run(ctx: Context) -> dict[str, Any]:
             r["after_scores"] = scores(a, r["reference"])
     result = summary(rows)
     if loss_before is not None and loss_after is not None:
-        result["heldout_loss"] = {"before": round(loss_before, 4), "after": round(loss_after, 4),
-                                  "before_ppl": round(math.exp(min(loss_before, 50)), 2),
-                                  "after_ppl": round(math.exp(min(loss_after, 50)), 2)}
-    write_text_atomic(ctx.path("compare.jsonl"), "".join(
-        json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+        result["heldout_loss"] = {
+            "before": round(loss_before, 4),
+            "after": round(loss_after, 4),
+            "before_ppl": round(math.exp(min(loss_before, 50)), 2),
+            "after_ppl": round(math.exp(min(loss_after, 50)), 2),
+        }
+    write_text_atomic(
+        ctx.path("compare.jsonl"),
+        "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows),
+    )
     write_text_atomic(ctx.path("compare.md"), markdown(rows, result))
     write_text_atomic(ctx.path("report.html"), report(ctx, rows, result))
-    ctx.log(f"compare: {len(rows)} prompts; before {result.get('before')} "
-            f"after {result.get('after')}; report {ctx.path('report.html')}")
+    ctx.log(
+        f"compare: {len(rows)} prompts; before {result.get('before')} "
+        f"after {result.get('after')}; report {ctx.path('report.html')}"
+    )
     return result
 
 
@@ -115,7 +131,8 @@ def report(ctx: Context, rows: list[dict[str, Any]], result: dict[str, Any]) -> 
     return render(
         title=f"{ctx.recipe.name}: fine-tuning report",
         summary_pairs=recipe_summary(ctx.recipe.data),
-        rows=rows, summary=result,
+        rows=rows,
+        summary=result,
         history=history if isinstance(history, list) else [],
         resolved_toml=resolved.read_text(encoding="utf-8") if resolved.is_file() else None,
         train_metrics=(train_state or {}).get("metrics") if isinstance(train_state, dict) else None,

@@ -18,8 +18,10 @@ def run(ctx: Context) -> dict[str, Any]:
     ctx.memo["model"] = model  # train reuses it when it runs in the same process
     write_json_atomic(ctx.path("model/load.json"), report)
     targets = report["target_modules"]
-    ctx.log(f"quantize-load: {report['adapted_modules']} modules adapted "
-            f"({', '.join(targets) if isinstance(targets, list) else targets}); trainable "
-            f"{report['trainable_params']:,} of {report['all_params']:,} params "
-            f"({report['trainable_percent']}%)")
+    ctx.log(
+        f"quantize-load: {report['adapted_modules']} modules adapted "
+        f"({', '.join(targets) if isinstance(targets, list) else targets}); trainable "
+        f"{report['trainable_params']:,} of {report['all_params']:,} params "
+        f"({report['trainable_percent']}%)"
+    )
     return report

@@ -40,7 +40,7 @@ def run(ctx: Context) -> dict[str, Any]:
         f"# LoRA adapter: {recipe.name}\n\n"
         f"- base model: `{base}`\n- recipe: `recipe.toml` (resolved)\n- metrics: `metrics.json`\n\n"
         "Load it with\n\n```python\nfrom peft import PeftModel\n"
-        "model = PeftModel.from_pretrained(base_model, \"adapter\")\n```\n",
+        'model = PeftModel.from_pretrained(base_model, "adapter")\n```\n',
         encoding="utf-8",
     )
     replace_dir(tmp, final)
