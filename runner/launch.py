@@ -191,15 +191,7 @@ def run_train(ctx: Context) -> dict[str, Any]:
             "run_dir": str(ctx.run_dir),
             "fingerprint": ctx.fingerprint,
             "resume": str(resume) if resume else None,
-            "status": {
-                "fingerprint": st.fingerprint,
-                "params": st.params,
-                "inputs": st.inputs,
-                "upstream": st.upstream,
-                "libraries": st.libraries,
-            }
-            if st
-            else None,
+            "status": st.identity() if st else None,
         },
     )
     cmd = accelerate_command(recipe, spec, cuda=cuda)

@@ -140,6 +140,16 @@ class StageStatus:
     def name(self) -> str:
         return self.stage.name
 
+    def identity(self) -> dict[str, Any]:
+        """What the stage read, as state files and checkpoint attempts record it."""
+        return {
+            "fingerprint": self.fingerprint,
+            "params": self.params,
+            "inputs": self.inputs,
+            "upstream": self.upstream,
+            "libraries": self.libraries,
+        }
+
 
 def _short(value: Any) -> str:
     text = repr(value) if isinstance(value, str) else str(value)

@@ -79,11 +79,7 @@ def _record_end(path: Path, state: dict[str, Any]) -> None:
 def run_stage(ctx: Context, st: StageStatus) -> dict[str, Any]:
     state = new_state(st.name) | {
         "status": "running",
-        "fingerprint": st.fingerprint,
-        "params": st.params,
-        "inputs": st.inputs,
-        "upstream": st.upstream,
-        "libraries": st.libraries,
+        **st.identity(),
         "started": _now(),
         "ended": None,
         "metrics": {},

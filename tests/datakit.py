@@ -143,11 +143,7 @@ def mark_done(recipe_file: Path, overrides: tuple[str, ...] = ()) -> None:
             new_state(st.name)
             | {
                 "status": "done",
-                "fingerprint": st.fingerprint,
-                "params": st.params,
-                "inputs": st.inputs,
-                "upstream": st.upstream,
-                "libraries": st.libraries,
+                **st.identity(),
                 "started": "t",
                 "ended": "t",
                 "metrics": {},

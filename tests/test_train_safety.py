@@ -97,11 +97,7 @@ def test_half_written_newest_checkpoint_falls_back_to_the_previous(tmp_path: Pat
 
 def _record(st, finished: bool = False) -> dict:  # type: ignore[no-untyped-def]
     return {
-        "fingerprint": st.fingerprint,
-        "params": st.params,
-        "inputs": st.inputs,
-        "upstream": st.upstream,
-        "libraries": st.libraries,
+        **st.identity(),
         "finished": finished,
         "started": "2026-01-01T00:00:00+00:00",
     }
@@ -203,11 +199,7 @@ def test_plan_names_the_checkpoint_on_disk(small_recipe: Path) -> None:
         new_state("train")
         | {
             "status": "running",
-            "fingerprint": st.fingerprint,
-            "params": st.params,
-            "inputs": st.inputs,
-            "upstream": st.upstream,
-            "libraries": st.libraries,
+            **st.identity(),
             "started": "t",
             "ended": None,
             "metrics": {"last_checkpoint_step": 4},

@@ -228,11 +228,7 @@ def start_attempt(ctx: Context, out_dir: Path) -> Path | None:
         write_attempt(
             out_dir,
             {
-                "fingerprint": st.fingerprint,
-                "params": st.params,
-                "inputs": st.inputs,
-                "upstream": st.upstream,
-                "libraries": st.libraries,
+                **st.identity(),
                 "finished": False,
                 "started": dt.datetime.now(dt.timezone.utc).isoformat(),
             },
