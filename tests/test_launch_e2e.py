@@ -260,3 +260,29 @@ def test_two_machines_on_one_host(prepared: Path, tmp_path: Path, env: dict[str,
     again = here(runs[1], *common, "--set", "launch.machine_rank=1")
     assert again.exit_code == 0, again.output
     assert "train: skipped (up to date)" in again.stdout
+
+
+def test_a_launched_run_checks_the_model_on_the_meta_device(prepared: Path, tmp_path: Path) -> None:
+    """quantize-load loads no weights in the parent when the workers load their own; its report
+    is the one a real load gives."""
+    run_dir = copy(prepared, tmp_path / "run")
+    done = here(run_dir, "--gpus", "2", "--until", "quantize-load")
+    assert done.exit_code == 0, done.output
+    assert "quantize-load: running (changed params" not in done.stdout  # --gpus is train's
+    (run_dir / "state" / "quantize-load.json").unlink()
+    done = here(run_dir, "--gpus", "2", "--until", "quantize-load")
+    assert done.exit_code == 0, done.output
+    assert "; checked on the meta device, each training process loads its own" in done.stdout
+    real = json.loads((prepared / "model" / "load.json").read_text())
+    meta = json.loads((run_dir / "model" / "load.json").read_text())
+    assert meta["loaded"] == "meta" and "loaded" not in real
+    for key in (
+        "target_modules",
+        "adapted_modules",
+        "trainable_params",
+        "all_params",
+        "trainable_percent",
+        "model_type",
+        "module_naming",
+    ):
+        assert meta[key] == real[key], key
