@@ -463,3 +463,26 @@ def test_plan_model_for_a_tiny_model_not_built_yet(
     )
     assert "LoRA targets: " + ", ".join(LINEAR) + "; 24 modules adapted" in result.output
     assert not (tmp_path / "empty-cache").exists()
+
+
+def test_flex_attention_cannot_train_on_the_cpu() -> None:
+    """Refused before any weight is read, with the fix (adgen-fast.toml uses flex)."""
+    from pathlib import Path
+
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU trains flex_attention")
+    from runner.errors import RecipeError
+    from runner.models.load import load_for_training
+    from runner.recipe import load_recipe
+
+    recipe_file = Path(__file__).resolve().parents[1] / "recipes" / "adgen-fast.toml"
+    with pytest.raises(RecipeError) as e:
+        load_for_training(load_recipe(recipe_file), Path("never-read"))
+    assert e.value.lines == [
+        f"{recipe_file}: $.model.attn_implementation: flex_attention cannot train on the CPU "
+        '(PyTorch has no FlexAttention backward there); use "sdpa" here '
+        "(--set model.attn_implementation=sdpa)"
+    ]

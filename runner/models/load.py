@@ -313,7 +313,14 @@ def load_for_training(recipe: Recipe, folder: Path) -> tuple[Any, dict[str, Any]
 
     from runner.models.resolve import chatglm_source_config
 
-    problems = precision_problems(recipe, *hardware())
+    cuda, bf16_ok = hardware()
+    problems = precision_problems(recipe, cuda, bf16_ok)
+    if not cuda and recipe.get("model.attn_implementation") == "flex_attention":
+        problems.append(
+            f"{recipe.origin('model.attn_implementation')}: $.model.attn_implementation: "
+            "flex_attention cannot train on the CPU (PyTorch has no FlexAttention backward "
+            'there); use "sdpa" here (--set model.attn_implementation=sdpa)'
+        )
     if problems:
         raise RecipeError(problems)
     torch.manual_seed(recipe.seed)
