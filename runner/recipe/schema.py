@@ -11,7 +11,9 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "recipe.schema.json"
+# schemas/ at the top of the checkout; runner/schemas links to it, so a built wheel (which copies
+# the link's target) carries the schema inside the package.
+SCHEMA_PATH = Path(__file__).parents[1] / "schemas" / "recipe.schema.json"
 
 
 @functools.cache

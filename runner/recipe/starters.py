@@ -11,7 +11,7 @@ from runner.recipe.schema import SCHEMA_PATH
 
 STARTERS = ("adgen", "adgen-tiny")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-DEMO_DATA = SCHEMA_PATH.parents[1] / "data" / "adgen-demo"  # ships with the runner's checkout
+DEMO_DATA = SCHEMA_PATH.resolve().parents[1] / "data" / "adgen-demo"  # in the runner's checkout
 
 PROMPT = "用户: {{ content }}\n"
 
