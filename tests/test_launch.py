@@ -192,3 +192,31 @@ def test_one_process_on_a_multi_gpu_machine_uses_one_gpu() -> None:
     assert launched._n_gpu == 1
     cpu = one_gpu_per_process(SimpleNamespace(n_gpu=0, world_size=1, _n_gpu=0))
     assert cpu._n_gpu == 0
+
+
+def test_status_reads_train_metrics_as_lines() -> None:
+    from runner.report.data_metrics import metric_lines
+
+    lines = metric_lines(
+        "train",
+        {
+            "global_step": 6,
+            "first_logged_loss": 0.53021,
+            "last_logged_loss": 0.39736,
+            "resumed_from": "checkpoint-2",
+            "processes": 2,
+            "real_tokens_per_second": 12230.1,
+            "real_tokens_per_second_per_process": [6096.8, 6133.3],
+            "seconds_per_step": 0.8295,
+            "steady_steps": 11,
+            "peak_allocated_gib": 9.324,
+            "peak_reserved_gib": 10.961,
+        },
+        {},
+    )
+    assert lines == [
+        "steps: 6, loss 0.5302 -> 0.3974 (resumed from checkpoint-2)",
+        "throughput: 12,230 real tokens/s (6,097, 6,133 per process), 0.830 s/step over 11 "
+        "steady steps, 2 processes",
+        "memory (largest process): peak allocated 9.32 GiB, peak reserved 10.96 GiB",
+    ]

@@ -43,9 +43,47 @@ def tokenize_lines(metrics: dict[str, Any], params: dict[str, Any]) -> list[str]
 
 
 def metric_lines(stage: str, metrics: dict[str, Any], params: dict[str, Any]) -> list[str] | None:
-    """Readable lines for the data stages; None for the others (shown as JSON)."""
+    """Readable lines for the data stages and train; None for the others (shown as JSON)."""
     if stage == "format" and "train_rows" in metrics:
         return format_lines(metrics)
     if stage == "tokenize" and isinstance(metrics.get("train"), dict):
         return tokenize_lines(metrics, params)
+    if stage == "train" and "global_step" in metrics:
+        return train_lines(metrics)
     return None
+
+
+def train_lines(m: dict[str, Any]) -> list[str]:
+    """`steps: 150, loss 0.5302 -> 0.3974 (resumed from checkpoint-2)`, throughput, memory."""
+
+    def loss(x: Any) -> str:
+        return f"{x:.4f}" if isinstance(x, (int, float)) else "-"
+
+    resumed = f" (resumed from {m['resumed_from']})" if m.get("resumed_from") else ""
+    lines = [
+        f"steps: {m['global_step']}, loss {loss(m.get('first_logged_loss'))} -> "
+        f"{loss(m.get('last_logged_loss'))}{resumed}"
+    ]
+    where = f"{m['processes']} processes" if m.get("processes") else "1 process"
+    if "real_tokens_per_second" in m:
+        per = m.get("real_tokens_per_second_per_process")
+        each = f" ({', '.join(f'{x:,.0f}' for x in per)} per process)" if per else ""
+        lines.append(
+            f"throughput: {m['real_tokens_per_second']:,.0f} real tokens/s{each}, "
+            f"{m.get('seconds_per_step', 0):.3f} s/step over {m.get('steady_steps')} steady "
+            f"steps, {where}"
+        )
+    else:
+        lines.append(f"throughput: {m.get('average_tokens_per_second', 0):,.0f} tokens/s, {where}")
+    memory = [
+        f"{label} {m[key]:.2f} GiB"
+        for key, label in (
+            ("peak_allocated_gib", "peak allocated"),
+            ("peak_reserved_gib", "peak reserved"),
+            ("peak_rss_gib", "peak RSS"),
+        )
+        if key in m
+    ]
+    if memory:
+        lines.append(f"memory (largest process): {', '.join(memory)}")
+    return lines
