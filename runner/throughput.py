@@ -31,6 +31,7 @@ class Meter:
         self.marks: list[tuple[float, int, int, int]] = []  # (time, real, padded, samples)
         self.shapes: set[tuple[int, ...]] = set()
         self.new_shape_steps: set[int] = set()  # intervals (index into marks) with a new shape
+        self.paused = False  # while the Trainer evaluates
 
     def count(self, batch: dict[str, Any], features: list[dict[str, Any]] | None = None) -> None:
         ids = batch["input_ids"]
@@ -105,11 +106,29 @@ def memory() -> dict[str, float]:
 
 
 def counting(collator: Any, meter: Meter) -> Any:
-    """Wrap a data collator so every batch it makes is counted (real tokens from its rows)."""
+    """Wrap a data collator so every training batch it makes is counted (real tokens from its
+    rows). The Trainer collates evaluation batches with the same collator: while `meter.paused`
+    (set around evaluation by `pause_during_evaluation`) they are not counted."""
 
     def collate(features: list[dict[str, Any]]) -> Any:
         batch = collator(features)
-        meter.count(batch, features)
+        if not meter.paused:
+            meter.count(batch, features)
         return batch
 
     return collate
+
+
+def pause_during_evaluation(trainer: Any, meter: Meter) -> None:
+    """Held-out batches are not training throughput: stop counting while the Trainer evaluates
+    (its evaluation loop collates them, synchronously, with the training collator)."""
+    evaluation_loop = trainer.evaluation_loop
+
+    def evaluate_uncounted(*args: Any, **kwargs: Any) -> Any:
+        meter.paused = True
+        try:
+            return evaluation_loop(*args, **kwargs)
+        finally:
+            meter.paused = False
+
+    trainer.evaluation_loop = evaluate_uncounted

@@ -34,3 +34,32 @@ def test_a_run_compiling_at_most_steps_keeps_them_all() -> None:
     meter = meter_with([9.0, 2.0, 2.0, 2.0, 2.0])
     summary = meter.summary({2, 3, 4})
     assert summary["steady_steps"] == 4 and summary["real_tokens_per_second"] == 50.0
+
+
+def test_evaluation_batches_are_not_training_throughput() -> None:
+    from runner.throughput import counting, pause_during_evaluation
+
+    meter = Meter(pad_id=0)
+    collate = counting(lambda rows: {"input_ids": _Ids(len(rows))}, meter)
+
+    class Trainer:  # the part of transformers.Trainer that evaluation goes through
+        def evaluation_loop(self, rows: list[dict[str, list[int]]]) -> str:
+            collate(rows)
+            return "metrics"
+
+    trainer = Trainer()
+    pause_during_evaluation(trainer, meter)
+    collate([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
+    assert trainer.evaluation_loop([{"input_ids": [1] * 50}]) == "metrics"
+    collate([{"input_ids": [6]}])
+    assert (meter.real, meter.samples, meter.paused) == (6, 3, False)
+
+
+class _Ids:
+    """Enough of a tensor for Meter.count: a shape and a numel."""
+
+    def __init__(self, rows: int) -> None:
+        self.shape = (rows, 3)
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]

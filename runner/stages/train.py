@@ -28,7 +28,7 @@ from runner.errors import Interrupted, StageError
 from runner.launch import STOP_FILE
 from runner.progress import TrainProgress
 from runner.state import is_disk_full, path_size, write_json_atomic
-from runner.throughput import Meter, counting
+from runner.throughput import Meter, counting, pause_during_evaluation
 
 # Keys of [train] that go to TrainingArguments unchanged.
 PASSTHROUGH = (
@@ -407,6 +407,7 @@ def run(ctx: Context) -> dict[str, Any]:
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # our callback logs instead of printing dicts
+    pause_during_evaluation(trainer, meter)
     count_real_tokens(trainer, collator)  # tokens seen: a packed row's pad segment left out
     fsdp = fsdp_ready(trainer)
     for hook in faults.trainer_hooks(
