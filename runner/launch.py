@@ -216,8 +216,15 @@ def run_train(ctx: Context) -> dict[str, Any]:
         relay.join(timeout=10)
     result_file = launch_dir / "result.json"
     result = json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else None
-    if result is not None and "metrics" in result and code == 0:
+    if result is not None and "metrics" in result:
+        # Rank 0 writes its result after the last collective and the final save: training is
+        # complete even if a rank then died on its way out (process-group teardown).
         stop_file.unlink(missing_ok=True)
+        if code != 0:
+            ctx.log(
+                f"train: finished, but a training process ended badly on exit "
+                f"({worker_failure(launch_dir, log, code, None)}); see {log}"
+            )
         return {**recorded_metrics(ctx), **result["metrics"]}
     if code == 0 and recipe.get("launch.machine_rank") > 0:
         return {
