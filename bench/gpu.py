@@ -40,27 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# ChatGLM3-6B (THUDM/chatglm3-6b config.json) in transformers' native GLM terms.
-GLM_6B = {
-    "model_type": "glm",
-    "architectures": ["GlmForCausalLM"],
-    "vocab_size": 65024,
-    "hidden_size": 4096,
-    "intermediate_size": 13696,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 2,
-    "head_dim": 128,
-    "partial_rotary_factor": 0.5,
-    "attention_bias": True,
-    "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 8192,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "pad_token_id": 0,
-    "eos_token_id": 2,
-    "bos_token_id": 1,
-}
+from bench import shapes  # noqa: E402
 
 # Per configuration: the shipped recipe it runs and the overrides on top of it.
 CONFIGS: dict[str, tuple[str, list[str]]] = {
@@ -94,7 +74,7 @@ ALLOC_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
 SMOKE = dict(
-    GLM_6B,
+    shapes.GLM_6B,
     hidden_size=128,
     intermediate_size=256,
     num_hidden_layers=2,
@@ -360,7 +340,7 @@ def main() -> None:
 
     os.environ.setdefault("RECIPE_CACHE", str(args.work / "cache"))
     args.work.mkdir(parents=True, exist_ok=True)
-    model = prepare(args.work, SMOKE if args.smoke else GLM_6B)
+    model = prepare(args.work, SMOKE if args.smoke else shapes.GLM_6B)
     recipes = {
         f: recipe_file(args.work, model, f)
         for f in {CONFIGS[n][0] for n in ["tutorial", *variants]}

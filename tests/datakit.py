@@ -7,25 +7,23 @@ as a local "model" folder (tokenizer files only), which is all format and tokeni
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from runner.models.chatglm import CHATGLM3_SPECIAL_TOKENS
 from runner.plan import compute_plan, state_path
 from runner.recipe import load_recipe
 from runner.state import describe_path, new_state, write_json_atomic
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
-CHATGLM3 = (
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "sop",
-    "eop",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-)
+CHATGLM3 = CHATGLM3_SPECIAL_TOKENS  # appended after the SentencePiece pieces, in id order
 IM_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -150,3 +148,63 @@ def mark_done(recipe_file: Path, overrides: tuple[str, ...] = ()) -> None:
                 "outputs": outputs,
             },
         )
+
+
+def chatglm_config(**overrides: Any) -> dict[str, Any]:
+    """A tiny ChatGLM3-format config.json: 2 layers, multi-query attention with 2 groups."""
+    cfg: dict[str, Any] = {
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "auto_map": {"AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+        "num_layers": 2,
+        "hidden_size": 64,
+        "ffn_hidden_size": 128,
+        "num_attention_heads": 4,
+        "multi_query_attention": True,
+        "multi_query_group_num": 2,
+        "kv_channels": 16,
+        "padded_vocab_size": 416,
+        "seq_length": 256,
+        "add_qkv_bias": True,
+        "add_bias_linear": False,
+        "layernorm_epsilon": 1e-5,
+        "rmsnorm": True,
+        "apply_residual_connection_post_layernorm": False,
+        "post_layer_norm": True,
+        "original_rope": True,
+        "torch_dtype": "float32",
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+@contextmanager
+def run_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The environment of `recipe run`s in and out of this process: a model cache shared by the
+    test session (RECIPE_TEST_CACHE or RECIPE_CACHE, else a fresh one), one OpenMP thread, no
+    fault armed. Yields the environment for subprocesses."""
+    cache = (
+        os.environ.get("RECIPE_TEST_CACHE")
+        or os.environ.get("RECIPE_CACHE")
+        or str(tmp_path_factory.mktemp("recipe-cache"))
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECIPE_CACHE", cache)  # for the runs in this process
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.delenv("RECIPE_FAULT", raising=False)
+        mp.delenv("RECIPE_FAULT_RANK", raising=False)
+        yield dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def recipe_process(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`recipe ARGS...` as a real process from the checkout, output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", "from runner.cli import main; main()", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )

@@ -18,44 +18,17 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
+from datakit import chatglm_config  # noqa: E402
+
 from runner.models import chatglm as cg  # noqa: E402
 from runner.models.chatglm_reference import ChatGLMReference  # noqa: E402
 
 SP_VOCAB = 400  # tiny SentencePiece model; the ChatGLM3 specials follow at 400..408
-PADDED_VOCAB = 416
+PADDED_VOCAB = chatglm_config()["padded_vocab_size"]  # 416
 TOL = 1e-5
 # Unmerged LoRA forwards in the two layouts sum the same products in a different order (one
 # fused rank-3r product vs three rank-r ones), so they agree to float32 rounding only.
 LORA_TOL = 1e-4
-
-
-def chatglm_config(**overrides: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "model_type": "chatglm",
-        "architectures": ["ChatGLMModel"],
-        "auto_map": {"AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"},
-        "num_layers": 2,
-        "hidden_size": 64,
-        "ffn_hidden_size": 128,
-        "num_attention_heads": 4,
-        "multi_query_attention": True,
-        "multi_query_group_num": 2,
-        "kv_channels": 16,
-        "padded_vocab_size": PADDED_VOCAB,
-        "seq_length": 256,
-        "add_qkv_bias": True,
-        "add_bias_linear": False,
-        "layernorm_epsilon": 1e-5,
-        "rmsnorm": True,
-        "apply_residual_connection_post_layernorm": False,
-        "post_layer_norm": True,
-        "original_rope": True,
-        "torch_dtype": "float32",
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-    }
-    cfg.update(overrides)
-    return cfg
 
 
 def random_reference(cfg: dict[str, Any], seed: int = 0) -> ChatGLMReference:

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -19,6 +16,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 spm = pytest.importorskip("sentencepiece")
+
+from datakit import chatglm_config as tiny_chatglm_config  # noqa: E402
+from datakit import recipe_process  # noqa: E402
 
 from runner.cli import cli  # noqa: E402
 from runner.recipe import load_recipe  # noqa: E402
@@ -49,35 +49,6 @@ ROWS = [
 ]
 
 
-def chatglm_config(vocab: int) -> dict[str, Any]:
-    """A ChatGLM3-format config.json: 2 layers, multi-query attention with 2 groups."""
-    return {
-        "model_type": "chatglm",
-        "architectures": ["ChatGLMModel"],
-        "auto_map": {"AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"},
-        "num_layers": 2,
-        "hidden_size": 64,
-        "ffn_hidden_size": 128,
-        "num_attention_heads": 4,
-        "multi_query_attention": True,
-        "multi_query_group_num": 2,
-        "kv_channels": 16,
-        "padded_vocab_size": vocab,
-        "seq_length": 128,
-        "add_qkv_bias": True,
-        "add_bias_linear": False,
-        "layernorm_epsilon": 1e-5,
-        "rmsnorm": True,
-        "apply_residual_connection_post_layernorm": False,
-        "post_layer_norm": True,
-        "original_rope": True,
-        "rope_ratio": 1.0,
-        "torch_dtype": "float32",
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-    }
-
-
 @pytest.fixture(scope="module")
 def chatglm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ChatGLM-format checkpoint folder as THUDM ships one (remote code that must not run)."""
@@ -101,7 +72,8 @@ def chatglm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     folder = tmp / "chatglm3-tiny"
     folder.mkdir()
-    cfg = chatglm_config(vocab=832)  # up to 800 pieces + 9 ChatGLM3 specials, padded
+    # up to 800 pieces + 9 ChatGLM3 specials, padded
+    cfg = tiny_chatglm_config(padded_vocab_size=832, seq_length=128, rope_ratio=1.0)
     (folder / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     (folder / "tokenizer.model").write_bytes((tmp / "sp.model").read_bytes())
     for code in ("modeling_chatglm.py", "tokenization_chatglm.py", "configuration_chatglm.py"):
@@ -193,22 +165,7 @@ def test_chatglm_checkpoint_trains_and_exports_to_chatglm_names(
 
     recipe = write_recipe(tmp_path, chatglm, CHATGLM_NAMES)
     env = dict(os.environ, RECIPE_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from runner.cli import main; main()",
-            "run",
-            str(recipe),
-            "--set",
-            "train.max_steps=3",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = recipe_process("run", str(recipe), "--set", "train.max_steps=3", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "converting ChatGLM checkpoint" in done.stdout
     run = tmp_path / "run"

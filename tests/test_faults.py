@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from datakit import run_env
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -72,22 +73,14 @@ def process(run_dir: Path, env: dict[str, str], fault: str) -> tuple[int, int, s
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    cache = (
-        os.environ.get("RECIPE_TEST_CACHE")
-        or os.environ.get("RECIPE_CACHE")
-        or str(tmp_path_factory.mktemp("recipe-cache"))
-    )
     import torch
 
     threads = torch.get_num_threads()
     # One thread everywhere: the same arithmetic in this process and in the killed ones, and on
     # a shared CPU two OpenMP threads per process were ten times slower than one.
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RECIPE_CACHE", cache)  # for the runs in this process
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.delenv("RECIPE_FAULT", raising=False)
-        yield dict(os.environ, PYTHONUNBUFFERED="1")
+    with run_env(tmp_path_factory) as environment:
+        yield environment
     torch.set_num_threads(threads)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from datakit import run_env
 
 pytest.importorskip("torch")
 pytest.importorskip("accelerate")
@@ -48,17 +49,8 @@ def here(run_dir: Path, *extra: str, batch: int = 2) -> Result:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    cache = (
-        os.environ.get("RECIPE_TEST_CACHE")
-        or os.environ.get("RECIPE_CACHE")
-        or str(tmp_path_factory.mktemp("recipe-cache"))
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RECIPE_CACHE", cache)
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.delenv("RECIPE_FAULT", raising=False)
-        mp.delenv("RECIPE_FAULT_RANK", raising=False)
-        yield dict(os.environ, PYTHONUNBUFFERED="1")
+    with run_env(tmp_path_factory) as environment:
+        yield environment
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from datakit import recipe_process
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -45,14 +44,7 @@ def short_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[s
         "compare.num_examples=2",
     ]
     env = dict(os.environ, RECIPE_CACHE=cache, PYTHONUNBUFFERED="1")
-    done = subprocess.run(
-        [sys.executable, "-c", "from runner.cli import main; main()", "run", str(RECIPE), *sets],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = recipe_process("run", str(RECIPE), *sets, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RECIPE_CACHE", cache)
