@@ -54,6 +54,20 @@ def is_launched(recipe: Recipe) -> bool:
     return processes(recipe) > 1 or recipe.get("launch.config_file") is not None
 
 
+def describe_launch(recipe: Recipe, cuda: bool) -> str:
+    """`2 processes (ddp, gloo on the CPU), global batch 4 x 2 x 2 = 16 examples per step`."""
+    n = processes(recipe)
+    cfg = recipe.section("train")
+    per, acc = cfg["per_device_train_batch_size"], cfg["gradient_accumulation_steps"]
+    where = "one per GPU" if cuda else "gloo on the CPU"
+    machines = recipe.get("launch.num_machines")
+    on = f" on {machines} machines" if machines > 1 else ""
+    return (
+        f"{n} processes{on} ({recipe.get('launch.strategy')}, {where}), global batch "
+        f"{per} x {acc} x {n} = {per * acc * n} examples per step"
+    )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +178,7 @@ def release_gpu(ctx: Context) -> bool:
 def run_train(ctx: Context) -> dict[str, Any]:
     """Run the train stage through accelerate; the metrics rank 0 reported."""
     from runner.checkpoints import attempt_dir, newest_valid, step_of
-    from runner.stages.train import describe_launch, start_attempt
+    from runner.stages.train import start_attempt
 
     recipe = ctx.recipe
     out_dir = attempt_dir(ctx.run_dir, ctx.fingerprint)

@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -204,28 +205,32 @@ def check_lock(recipe: Recipe, recipe_file: Path) -> tuple[list[str], list[str]]
         if section == "dataset" and old.get("name") != new.get("name"):
             drift("dataset.name", old.get("name"), new.get("name"))
 
-    old_model, new_model = lock["model"], now["model"]
-    if old_model.get("name_or_path") != new_model["name_or_path"]:
-        drift("model.name_or_path", old_model.get("name_or_path"), new_model["name_or_path"])
-    elif old_model.get("kind") != new_model["kind"]:
-        drift("model.kind", old_model.get("kind"), new_model["kind"])
-    elif new_model["kind"] == "hub":
-        hub("model")
-    elif old_model.get("identity") != new_model["identity"]:
-        before = len(drifts)
-        compare("model", old_model.get("details") or {}, new_model["details"], "{prefix}.{key}")
-        if len(drifts) == before:
-            drift("model.identity", old_model.get("identity"), new_model["identity"])
+    def source(
+        section: str, where: str, local: Callable[[dict[str, Any], dict[str, Any]], None]
+    ) -> None:
+        """Same place (`where`), same kind, then the hub's pins or the local files' contents."""
+        old, new = lock[section], now[section]
+        if old.get(where) != new[where]:
+            drift(f"{section}.{where}", old.get(where), new[where])
+        elif old.get("kind") != new["kind"]:
+            drift(f"{section}.kind", old.get("kind"), new["kind"])
+        elif new["kind"] == "hub":
+            hub(section)
+        else:
+            local(old, new)
 
-    old_ds, new_ds = lock["dataset"], now["dataset"]
-    if old_ds.get("path") != new_ds["path"]:
-        drift("dataset.path", old_ds.get("path"), new_ds["path"])
-    elif old_ds.get("kind") != new_ds["kind"]:
-        drift("dataset.kind", old_ds.get("kind"), new_ds["kind"])
-    elif new_ds["kind"] == "hub":
-        hub("dataset")
-    else:
-        compare("dataset.files", old_ds.get("files") or {}, new_ds["files"], '{prefix}["{key}"]')
+    def local_model(old: dict[str, Any], new: dict[str, Any]) -> None:
+        if old.get("identity") != new["identity"]:
+            before = len(drifts)
+            compare("model", old.get("details") or {}, new["details"], "{prefix}.{key}")
+            if len(drifts) == before:
+                drift("model.identity", old.get("identity"), new["identity"])
+
+    def local_dataset(old: dict[str, Any], new: dict[str, Any]) -> None:
+        compare("dataset.files", old.get("files") or {}, new["files"], '{prefix}["{key}"]')
+
+    source("model", "name_or_path", local_model)
+    source("dataset", "path", local_dataset)
     compare("templates", lock["templates"], now["templates"], '{prefix}["{key}"]')
 
     for name in sorted(set(lock["libraries"]) | set(now["libraries"])):

@@ -303,22 +303,6 @@ def reuse_last_checkpoint(
     }
 
 
-def describe_launch(recipe: Any, cuda: bool) -> str:
-    """`2 processes (ddp, gloo on the CPU), global batch 4 x 2 x 2 = 16 examples per step`."""
-    from runner.launch import processes
-
-    n = processes(recipe)
-    cfg = recipe.section("train")
-    per, acc = cfg["per_device_train_batch_size"], cfg["gradient_accumulation_steps"]
-    where = "one per GPU" if cuda else "gloo on the CPU"
-    machines = recipe.get("launch.num_machines")
-    on = f" on {machines} machines" if machines > 1 else ""
-    return (
-        f"{n} processes{on} ({recipe.get('launch.strategy')}, {where}), global batch "
-        f"{per} x {acc} x {n} = {per * acc * n} examples per step"
-    )
-
-
 def merged_meter(ctx: Context, meter: Meter) -> dict[str, Any]:
     """The throughput of all ranks: rates summed, memory the largest of any GPU."""
     if ctx.world_size == 1:
