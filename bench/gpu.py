@@ -3,6 +3,7 @@
 ChatGLM3-6B's shape with random weights, both through the runner's own stages (recipe run).
 
     python bench/gpu.py [--steps-tutorial 12] [--steps 20] [--variants runner-sdpa,runner]
+                        [--parallel] [--gpus 2,4] [--fsdp 2] [--tag NAME]
 
 One call on a GPU machine: builds the 6B-shape GLM from a config with random weights (the
 recipe option model.random_init), formats and tokenizes the shipped demo data (AdvertiseGen
@@ -13,10 +14,15 @@ to the tutorial, and the device; writes bench/results/gpu-<date>.json.
 
 The configurations are shipped recipes resolved by the runner's own loader (extends included):
 "tutorial" is recipes/adgen.toml with the tutorial's settings as overrides, "runner" is
-recipes/adgen-fast.toml as shipped, its variants change one setting. Every one gets the same
-local model, data, step count and logging (every step), nothing else. A numerics check compares
-the first logged losses of "runner" and "runner-sdpa" (same batches, another attention kernel;
-runner's row also carries its pad segment): PASS when they agree within --tolerance.
+recipes/adgen-fast.toml as shipped (on CUDA its decoder layers are compiled: torch_compile auto),
+its variants change one setting. Every one gets the same local model, data, step count and
+logging (every step), nothing else. Numerics checks compare the first logged losses of "runner"
+with "runner-eager" (the same layers uncompiled) and with "runner-sdpa" (another attention
+kernel; runner's row also carries its pad segment), where both ran: PASS when they agree within
+--tolerance.
+
+--parallel runs the single-GPU configurations side by side, one per GPU of the machine, then the
+multi-GPU runs (--gpus, --fsdp) one after another on all of them.
 
 --smoke runs a tiny model on the CPU to check the flow. FlexAttention has no backward on the
 CPU, so there a flex configuration runs sdpa with its own pad_to_multiple_of (the numerics
@@ -30,10 +36,13 @@ import copy
 import datetime as dt
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +69,22 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
             "quantization.bnb_4bit_compute_dtype=float16",
             "quantization.upcast_to_fp32=true",
             "train.packing=false",
+            "train.torch_compile=false",
         ],
     ),
     # The runner's fast path as shipped: 32 examples packed per row (position ids restart),
-    # flex_attention, rows padded to a multiple of 512 (auto), bf16, checkpointing.
+    # flex_attention, rows padded to a multiple of 512 (auto), bf16, checkpointing, decoder
+    # layers compiled (torch_compile auto).
     "runner": ("adgen-fast.toml", []),
+    "runner-eager": ("adgen-fast.toml", ["train.torch_compile=false"]),
     "runner-sdpa": ("adgen-fast.toml", ["model.attn_implementation=sdpa"]),
+    "runner-nodrop": ("adgen-fast.toml", ["lora.lora_dropout=0.0"]),
     "runner-b64": ("adgen-fast.toml", ["train.per_device_train_batch_size=64"]),
     "runner-b128": ("adgen-fast.toml", ["train.per_device_train_batch_size=128"]),
 }
-NUMERICS = ("runner", "runner-sdpa")  # same batches, another attention kernel
+# Pairs whose losses must agree: same batches, another kernel (compiled vs eager layers,
+# flex_attention vs sdpa).
+NUMERICS = (("runner", "runner-eager"), ("runner", "runner-sdpa"))
 ALLOC_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
@@ -162,7 +177,7 @@ def matmul_ceiling() -> float:
 
 
 def run_config(
-    name: str, recipe: Path, overrides: list[str], work: Path, steps: int
+    name: str, recipe: Path, overrides: list[str], work: Path, steps: int, gpu: str | None = None
 ) -> dict[str, Any]:
     run_dir = work / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh measurement, not a skipped stage
@@ -181,6 +196,8 @@ def run_config(
         *[x for o in overrides for x in ("--set", o)],
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     if name == "tutorial" and not any(k in env for k in ALLOC_VARIABLES):
         # The runner turns on expandable segments (runner/stages/__init__.py); the tutorial's
         # script ran with PyTorch's default allocator.
@@ -204,26 +221,28 @@ def run_config(
     return metrics
 
 
-def numerics(curves: dict[str, list[float]], tolerance: float, first: int) -> dict[str, Any] | None:
-    """The first logged losses of the two NUMERICS configurations, side by side."""
-    a, b = NUMERICS
-    if a not in curves or b not in curves:
-        return None
-    pairs = list(zip(curves[a], curves[b], strict=False))[:first]
-    if not pairs:
-        return None
-    diff = max(abs(x - y) for x, y in pairs)
-    relative = max(abs(x - y) / max(abs(y), 1e-9) for x, y in pairs)
-    return {
-        "compared": f"{a} vs {b}",
-        "steps": len(pairs),
-        "max_abs_loss_diff": round(diff, 5),
-        "max_relative_loss_diff": round(relative, 6),
-        "tolerance": tolerance,
-        "pass": relative <= tolerance,
-        "first": [round(x, 4) for x in pairs[0]],
-        "last": [round(x, 4) for x in pairs[-1]],
-    }
+def numerics(curves: dict[str, list[float]], tolerance: float, first: int) -> list[dict[str, Any]]:
+    """The first logged losses of each NUMERICS pair that ran, side by side."""
+    checks = []
+    for a, b in NUMERICS:
+        pairs = list(zip(curves.get(a, []), curves.get(b, []), strict=False))[:first]
+        if not pairs:
+            continue
+        diff = max(abs(x - y) for x, y in pairs)
+        relative = max(abs(x - y) / max(abs(y), 1e-9) for x, y in pairs)
+        checks.append(
+            {
+                "compared": f"{a} vs {b}",
+                "steps": len(pairs),
+                "max_abs_loss_diff": round(diff, 5),
+                "max_relative_loss_diff": round(relative, 6),
+                "tolerance": tolerance,
+                "pass": relative <= tolerance,
+                "first": [round(x, 4) for x in pairs[0]],
+                "last": [round(x, 4) for x in pairs[-1]],
+            }
+        )
+    return checks
 
 
 def scaling_runs(gpus: str, fsdp: int) -> list[tuple[str, str, list[str]]]:
@@ -323,6 +342,12 @@ def main() -> None:
         help="scaling: one FSDP-QLoRA run of 'runner' on this many GPUs (bf16 quant storage, "
         "adamw_torch)",
     )
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the single-GPU configurations side by side, one per GPU of this machine "
+        "(same card model; each is still one process on one GPU), then the multi-GPU runs",
+    )
     parser.add_argument("--no-tutorial", action="store_true", help="skip the tutorial row")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     parser.add_argument(
@@ -359,38 +384,66 @@ def main() -> None:
         "matmul_ceiling_tflops": round(ceiling, 1),
         "configs": {},
     }
-    runs = [(n, n, []) for n in ([] if args.no_tutorial else ["tutorial"]) + variants]
+    runs: list[tuple[str, str, list[str]]] = [
+        (n, n, []) for n in ([] if args.no_tutorial else ["tutorial"]) + variants
+    ]
     runs += scaling_runs(args.gpus, args.fsdp)
     for _, config, _ in runs:
         if CONFIGS[config][0] not in recipes:
             recipes[CONFIGS[config][0]] = recipe_file(args.work, model, CONFIGS[config][0])
-    for name, config, extra in runs:
+    # The random weights once, before any run (parallel runs would race to build them).
+    from runner.models.resolve import materialize
+    from runner.recipe import load_recipe
+
+    materialize(load_recipe(next(iter(recipes.values()))), print)
+    out = args.out / f"gpu-{results['date']}{'-' + args.tag if args.tag else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = threading.Lock()
+
+    def measure(name: str, config: str, extra: list[str], gpu: str | None) -> None:
         steps = args.steps_tutorial if name == "tutorial" else args.steps
         recipe = recipes[CONFIGS[config][0]]
         overrides = overrides_for(config, recipe, args.smoke) + extra
-        m = run_config(name, recipe, overrides, args.work, steps)
+        m = run_config(name, recipe, overrides, args.work, steps, gpu)
         if "real_tokens_per_second" in m:
             # LoRA on a frozen base: forward 2N + input-gradient backward 2N FLOPs per token.
             m["useful_mfu"] = round(4 * params * m["real_tokens_per_second"] / (ceiling * 1e12), 4)
-        results["configs"][name] = m
-        early = numerics(
-            {n: c["losses"] for n, c in results["configs"].items() if c.get("losses")},
-            args.tolerance,
-            args.numerics_steps,
-        )
-        if early is not None:
-            results["numerics"] = early
-        partial = args.out / f"gpu-{results['date']}{'-' + args.tag if args.tag else ''}.json"
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(results, indent=2))  # kept if a later config runs out of time
-        print(name, json.dumps({k: v for k, v in m.items() if k != "losses"}), flush=True)
-    curves = {n: m["losses"] for n, m in results["configs"].items() if m.get("losses")}
-    check = numerics(curves, args.tolerance, args.numerics_steps)
-    if check is not None:
-        results["numerics"] = check
+        if gpu is not None:
+            m["gpu"] = gpu
+        with lock:
+            results["configs"][name] = m
+            curves = {n: c["losses"] for n, c in results["configs"].items() if c.get("losses")}
+            results["numerics"] = numerics(curves, args.tolerance, args.numerics_steps)
+            out.write_text(json.dumps(results, indent=2))  # kept if a later run runs out of time
+            print(name, json.dumps({k: v for k, v in m.items() if k != "losses"}), flush=True)
+
+    single = [r for r in runs if not any(e.startswith("launch.") for e in r[2])]
+    several = [r for r in runs if r not in single]
+    gpus = max(torch.cuda.device_count(), 1)
+    if args.parallel and gpus > 1:
+        # One single-GPU run per GPU at a time; each is still a single process on one GPU.
+        free: queue.Queue[str] = queue.Queue()
+        for i in range(gpus):
+            free.put(str(i))
+
+        def on_a_free_gpu(run: tuple[str, str, list[str]]) -> None:
+            gpu = free.get()
+            try:
+                measure(*run, gpu)
+            finally:
+                free.put(gpu)
+
+        with ThreadPoolExecutor(max_workers=gpus) as pool:
+            list(pool.map(on_a_free_gpu, single))
+    else:
+        for run in single:
+            measure(*run, None)
+    for run in several:
+        measure(*run, None)
+    done = results["configs"]
+    results["configs"] = {n: done[n] for n, _, _ in runs if n in done}  # in the asked order
+    checks = results["numerics"]
     base = results["configs"].get("tutorial", {}).get("real_tokens_per_second")
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"gpu-{results['date']}{'-' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\ndevice {results['device']}; bf16 matmul ceiling {ceiling:.0f} TFLOP/s; results {out}")
     print(
@@ -412,7 +465,7 @@ def main() -> None:
             f"{m.get('peak_allocated_gib', nan):>11.1f}{m.get('peak_reserved_gib', nan):>9.1f}"
             f"{m['useful_mfu']:>7.1%}{m.get('batch_shapes', 0):>8}{m['wall_s']:>8.0f}"
         )
-    if check is not None:
+    for check in checks:
         a, b = check["first"], check["last"]
         print(
             f"\nnumerics: {check['compared']} (same batches), first {check['steps']} logged "
@@ -420,8 +473,10 @@ def main() -> None:
             f"({check['max_relative_loss_diff']:.3%}), tolerance {check['tolerance']:.1%}: "
             f"{'PASS' if check['pass'] else 'FAIL'} (first {a[0]} / {a[1]}, last {b[0]} / {b[1]})"
         )
-    elif set(NUMERICS) <= {"tutorial", *variants}:
-        print("\nnumerics: not checked (a configuration failed or logged no loss)")
+    asked = {"tutorial", *variants}
+    for a, b in NUMERICS:
+        if {a, b} <= asked and not any(c["compared"] == f"{a} vs {b}" for c in checks):
+            print(f"\nnumerics: {a} vs {b} not checked (a configuration failed or logged no loss)")
     scaling = scaling_table(results["configs"])
     if scaling:
         results["scaling"] = scaling

@@ -377,6 +377,30 @@ def test_activation_estimate_scales_with_tokens_and_checkpointing(
     assert large.peak(True) > small.peak(True)
 
 
+def test_chunked_loss_caps_the_logits_in_the_estimate(
+    tmp_path: Path, glm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.chunked_cross_entropy (auto: on with CUDA): over the one-pass size the logits
+    term is one chunk's, whatever the batch; below it, the same as without."""
+    from runner.models import chunked_loss
+    from runner.models.estimate import Tokens, plan_model
+
+    vocab = json.loads((glm / "config.json").read_text())["vocab_size"]
+    monkeypatch.setattr(chunked_loss, "ONE_PASS_ELEMENTS", vocab * 150)
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", vocab * 50)
+
+    def acts(batch: int, chunked: str) -> int:
+        recipe = make_recipe(tmp_path, glm, f"train.chunked_cross_entropy={chunked}")
+        tokens = Tokens(batch, 50, 50, "test", padding_mask=True)
+        plan = plan_model(recipe, cuda=True, bf16_ok=True, tokens=tokens)
+        return int(plan.memory.activations["no_checkpointing"])
+
+    assert acts(2, "true") == acts(2, "false")  # 100 tokens: one pass
+    logits = vocab * (12 + 2)  # per token: 3 fp32 copies and the bf16 logits
+    assert acts(8, "false") - acts(8, "true") == (400 - 50) * logits
+    assert acts(8, "auto") == acts(8, "true")  # with CUDA
+
+
 def sets_of(recipe: Any) -> list[str]:
     return [a for o in recipe.overrides for a in ("--set", o)]
 

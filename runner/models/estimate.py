@@ -24,7 +24,8 @@ memory of a training step is estimated part by part:
   only the weight); an 8-bit one keeps an fp16 copy. With gradient checkpointing only each
   layer's input is kept, plus one layer recomputed in backward. The loss adds 3 fp32 copies of
   the logits (log-softmax output, its gradient and the gradient it passes on), the largest
-  transient of the step;
+  transient of the step: of every token, or with train.chunked_cross_entropy over its one-pass
+  size, of one chunk;
 * under mixed precision, the half-precision copies autocast makes of fp32 linear weights
   (kept for the forward); the largest de-quantized weight, for the length of one matmul.
 
@@ -42,6 +43,7 @@ from typing import Any
 
 from runner.data.collate import pad_multiple
 from runner.errors import RecipeError
+from runner.models.chunked_loss import chunk_tokens, chunking_wanted, is_chunked
 from runner.recipe import Recipe
 
 GiB = float(2**30)
@@ -381,6 +383,7 @@ def activation_bytes(
     lora_r: int,
     lora_dropout: float,
     use_dora: bool,
+    chunked_loss: bool = False,
 ) -> dict[str, int]:
     """Peak activation bytes of one step, with and without gradient checkpointing.
 
@@ -426,11 +429,17 @@ def activation_bytes(
     one_layer = layer_total / max(layers, 1)
     outside = 4 * h + a * h  # final norm: fp32 input; its output feeds lm_head
     logits = vocab * (12 + (a if a != 4 else 0))  # log-softmax output, its grad, the grad it passes
+    if chunked_loss and is_chunked(tokens, vocab):  # train.chunked_cross_entropy: one chunk's
+        logits_total = chunk_tokens(vocab) * logits
+    else:
+        logits_total = tokens * logits
     mask = length if padding_mask else 0  # bool (batch, 1, length, length) mask, per token
     layer_backward = (2 * inter + 2 * h) * a  # gradients of one layer's widest tensors
-    no_ckpt = layer_total + outside + logits + mask
-    ckpt = layers * h * a + outside + mask + max(logits, one_layer + layer_backward)
-    return {"no_checkpointing": int(tokens * no_ckpt), "checkpointing": int(tokens * ckpt)}
+    no_ckpt = tokens * (layer_total + outside + mask) + logits_total
+    ckpt = tokens * (layers * h * a + outside + mask) + max(
+        logits_total, tokens * (one_layer + layer_backward)
+    )
+    return {"no_checkpointing": int(no_ckpt), "checkpointing": int(ckpt)}
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -550,6 +559,7 @@ def plan_model(
             int(lora_cfg["r"]),
             float(lora_cfg["lora_dropout"]),
             bool(lora_cfg["use_dora"]),
+            chunking_wanted(recipe, cuda),
         )
 
     qdesc = {

@@ -229,6 +229,15 @@ def launch_errors(data: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
                     f'"{q["bnb_4bit_quant_storage"]}")',
                 )
             )
+    for key in ("torch_compile", "chunked_cross_entropy"):
+        if train[key] is True:
+            errors.append(
+                (
+                    ("train", key),
+                    f'{key} = true is not supported with strategy = "fsdp"; use "auto" '
+                    '(off under FSDP) or strategy = "ddp"',
+                )
+            )
     if "8bit" in train["optim"]:
         errors.append(
             (

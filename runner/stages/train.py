@@ -24,7 +24,7 @@ from runner.checkpoints import (
     write_attempt,
 )
 from runner.context import Context
-from runner.errors import Interrupted, StageError
+from runner.errors import Interrupted, RecipeError, StageError
 from runner.launch import STOP_FILE
 from runner.progress import TrainProgress
 from runner.state import is_disk_full, path_size, write_json_atomic
@@ -349,10 +349,13 @@ def save_final(ctx: Context, trainer: Any, fsdp: bool) -> None:
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    import torch
     from datasets import load_from_disk
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
     from runner.data.collate import count_real_tokens, make_collator
+    from runner.models.chunked_loss import chunk_the_loss, chunking_wanted
+    from runner.models.compile import compile_layers, compile_problem, compile_wanted
     from runner.models.load import load_for_training, load_tokenizer
     from runner.models.resolve import materialize
 
@@ -362,12 +365,19 @@ def run(ctx: Context) -> dict[str, Any]:
 
         if is_launched(recipe):
             return run_train(ctx)
+    compiling = compile_wanted(recipe, torch.cuda.is_available())
+    if compiling and (problem := compile_problem(recipe, torch.cuda.is_available())):
+        raise RecipeError(problem)
     folder = materialize(recipe, ctx.log)
     tok = load_tokenizer(folder)
     model = ctx.memo.pop("model", None)
     args = training_arguments(ctx, str(attempt_dir(ctx.run_dir, ctx.fingerprint)))
     if model is None:
         model, _ = load_for_training(recipe, folder)
+    if compiling:
+        ctx.log(f"train: {compile_layers(model)}")
+    if chunking_wanted(recipe, torch.cuda.is_available()):
+        ctx.log(f"train: {chunk_the_loss(model)}")
     out_dir = attempt_dir(ctx.run_dir, ctx.fingerprint)
     resume = ctx.memo.pop("resume") if "resume" in ctx.memo else start_attempt(ctx, out_dir)
     data = load_from_disk(str(ctx.path("data/tokenized")), keep_in_memory=True)

@@ -1,0 +1,124 @@
+"""train.chunked_cross_entropy: the causal-LM loss without the full logits tensor.
+
+transformers' causal LMs compute `logits = lm_head(hidden)` for every token, upcast them to
+fp32 and take the cross-entropy: at 65k vocabulary and 10k tokens per step that is 2.6 GB of
+bf16 logits plus 5 GB of fp32 copies and gradients, the largest tensors of a QLoRA step. Here
+the model's output head passes the hidden states through, and the loss function (the model's
+own `loss_function` hook) computes logits and cross-entropy a chunk of tokens at a time, each
+chunk recomputed in the backward pass (activation checkpointing), so only one chunk's logits
+exist at once. Micro-batches of up to ONE_PASS_ELEMENTS logits (~8k tokens at 65k) take one
+pass, as the model's own loss does, with no recompute. Same loss and gradients as the model's
+own loss (tests/test_chunked_loss.py); the frozen head's weight gets no gradient, as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner.recipe import Recipe
+
+CHUNK_ELEMENTS = 2**27  # logits per chunk: ~2k tokens at a 65k vocabulary (0.5 GB fp32)
+ONE_PASS_ELEMENTS = 2**29  # up to this many logits (~8k tokens at 65k), one pass, no recompute
+IGNORE = -100
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+def is_chunked(tokens: int, vocab_size: int) -> bool:
+    """Whether a micro-batch of `tokens` is computed in chunks (else in one pass, as the
+    model's own loss does: a few GiB at most, and no recompute)."""
+    return tokens * vocab_size > ONE_PASS_ELEMENTS
+
+
+def chunking_wanted(recipe: Recipe, cuda: bool) -> bool:
+    """The setting resolved: "auto" is on with CUDA, except under FSDP."""
+    setting = recipe.get("train.chunked_cross_entropy")
+    if setting == "auto":
+        return cuda and recipe.get("launch.strategy") != "fsdp"
+    return bool(setting)
+
+
+def head_problem(model: Any) -> str | None:
+    """Why the model's output head cannot be chunked (None: it can)."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    config = base.config
+    if type(head) is not torch.nn.Linear:
+        return (
+            f"the output head is a {type(head).__name__} (adapted or wrapped), not a plain Linear"
+        )
+    if head.weight.requires_grad:
+        return "the output head is trained (modules_to_save)"
+    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            return f"the model scales its logits ({key})"
+    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
+        return "the model scales its logits (logits_scaling)"
+    return None
+
+
+def chunked_causal_lm_loss(head: Any) -> Any:
+    """A `loss_function` for transformers' causal LMs that receives the hidden states as
+    "logits" (the head passes them through) and applies `head` chunk by chunk."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_sum(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, head.weight, head.bias).float()
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+
+    def loss_function(
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        vocab_size: int,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = IGNORE,
+        shift_labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        hidden = logits  # the head passed the hidden states through
+        if shift_labels is None:
+            labels = F.pad(labels, (0, 1), value=ignore_index)
+            shift_labels = labels[..., 1:]
+        targets = shift_labels.reshape(-1).to(hidden.device)
+        if ignore_index != IGNORE:
+            targets = targets.masked_fill(targets == ignore_index, IGNORE)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if not is_chunked(flat.shape[0], vocab_size):
+            total = chunk_sum(flat, targets)
+        else:
+            size = chunk_tokens(vocab_size)
+            total = flat.new_zeros((), dtype=torch.float32)
+            for h, t in zip(flat.split(size), targets.split(size), strict=True):
+                if torch.is_grad_enabled() and h.requires_grad:
+                    total = total + checkpoint(chunk_sum, h, t, use_reentrant=False)
+                else:
+                    total = total + chunk_sum(h, t)
+        if num_items_in_batch is None:
+            return total / (targets != IGNORE).sum()
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+
+    return loss_function
+
+
+def chunk_the_loss(model: Any) -> str:
+    """Install the chunked loss on `model` (a peft or transformers causal LM); a line saying
+    what was done or why not."""
+    if problem := head_problem(model):
+        return f"chunked_cross_entropy: off: {problem}"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    head.forward = lambda hidden: hidden  # the instance only: weights and names unchanged
+    base.loss_function = chunked_causal_lm_loss(head)
+    vocab = base.config.vocab_size
+    return (
+        f"chunked_cross_entropy: logits and loss {chunk_tokens(vocab)} tokens at a time for "
+        f"micro-batches over {ONE_PASS_ELEMENTS // vocab:,} tokens (vocabulary {vocab:,})"
+    )
