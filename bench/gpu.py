@@ -77,6 +77,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     # layers compiled (torch_compile auto).
     "runner": ("adgen-fast.toml", []),
     "runner-eager": ("adgen-fast.toml", ["train.torch_compile=false"]),
+    # sdpa: torch_compile auto is off there (compiled only with flex_attention).
     "runner-sdpa": ("adgen-fast.toml", ["model.attn_implementation=sdpa"]),
     "runner-nodrop": ("adgen-fast.toml", ["lora.lora_dropout=0.0"]),
     "runner-b64": ("adgen-fast.toml", ["train.per_device_train_batch_size=64"]),

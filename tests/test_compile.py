@@ -20,21 +20,24 @@ from runner.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_auto_is_on_with_cuda_except_under_fsdp(tmp_path: Path) -> None:
+def test_auto_is_on_with_cuda_and_flex_attention_except_under_fsdp(tmp_path: Path) -> None:
     path = write_recipe(tmp_path, tokenizer=False)
 
     def wanted(*sets: str, cuda: bool) -> bool:
         return compile_wanted(load_recipe(path, sets), cuda)
 
-    assert wanted(cuda=True) and not wanted(cuda=False)  # the default is auto
+    flex = "model.attn_implementation=flex_attention"
+    assert wanted(flex, cuda=True) and not wanted(flex, cuda=False)  # the default is auto
+    assert not wanted(cuda=True)  # sdpa: not measured compiled
     fsdp = (
         "launch.strategy=fsdp",
         "quantization.bnb_4bit_quant_storage=bfloat16",
         "train.optim=adamw_torch",
     )
-    assert not wanted(*fsdp, cuda=True)
+    assert not wanted(flex, *fsdp, cuda=True)
     assert wanted("train.torch_compile=true", cuda=False)
-    assert not wanted("train.torch_compile=false", cuda=True)
+    assert wanted("train.torch_compile=true", cuda=True)
+    assert not wanted(flex, "train.torch_compile=false", cuda=True)
 
 
 def test_fsdp_refuses_torch_compile_true(tmp_path: Path) -> None:

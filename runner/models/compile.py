@@ -16,11 +16,18 @@ from runner.recipe import Recipe
 
 
 def compile_wanted(recipe: Recipe, cuda: bool) -> bool:
-    """The setting resolved: "auto" is on with CUDA, except under FSDP (its flat parameters
-    are not compiled per layer here)."""
+    """The setting resolved. "auto" is on where it was measured and checked against eager
+    numerics on a GPU: CUDA with flex_attention, one process or DDP. Not under FSDP (its flat
+    parameters are not compiled per layer here); not with sdpa or eager attention, where
+    compiled layers meet transformers' padding and packing masks (an earlier by-hand compile
+    of sdpa with a packed mask gave NaN gradients; `true` turns it on there)."""
     setting = recipe.get("train.torch_compile")
     if setting == "auto":
-        return cuda and recipe.get("launch.strategy") != "fsdp"
+        return (
+            cuda
+            and recipe.get("launch.strategy") != "fsdp"
+            and recipe.get("model.attn_implementation") == "flex_attention"
+        )
     return bool(setting)
 
 
@@ -32,7 +39,7 @@ def compile_problem(recipe: Recipe, cuda: bool) -> str | None:
     return (
         f"{recipe.origin('train.torch_compile')}: $.train.torch_compile: true needs a C++ "
         f"compiler on the CPU (torch.compile builds its kernels with {compiler}, not found); "
-        "install one (e.g. g++) or set torch_compile = \"auto\" (off on the CPU)"
+        'install one (e.g. g++) or set torch_compile = "auto" (off on the CPU)'
     )
 
 
