@@ -367,10 +367,11 @@ def main() -> None:
     os.environ.setdefault("RECIPE_CACHE", str(args.work / "cache"))
     args.work.mkdir(parents=True, exist_ok=True)
     model = prepare(args.work, SMOKE if args.smoke else shapes.GLM_6B)
-    recipes = {
-        f: recipe_file(args.work, model, f)
-        for f in {CONFIGS[n][0] for n in ["tutorial", *variants]}
-    }
+    runs: list[tuple[str, str, list[str]]] = [
+        (n, n, []) for n in ([] if args.no_tutorial else ["tutorial"]) + variants
+    ]
+    runs += scaling_runs(args.gpus, args.fsdp)
+    recipes = {f: recipe_file(args.work, model, f) for f in {CONFIGS[c][0] for _, c, _ in runs}}
     ceiling = matmul_ceiling() if torch.cuda.is_available() else float("nan")
     params = 6.24e9
     results: dict[str, Any] = {
@@ -385,13 +386,6 @@ def main() -> None:
         "matmul_ceiling_tflops": round(ceiling, 1),
         "configs": {},
     }
-    runs: list[tuple[str, str, list[str]]] = [
-        (n, n, []) for n in ([] if args.no_tutorial else ["tutorial"]) + variants
-    ]
-    runs += scaling_runs(args.gpus, args.fsdp)
-    for _, config, _ in runs:
-        if CONFIGS[config][0] not in recipes:
-            recipes[CONFIGS[config][0]] = recipe_file(args.work, model, CONFIGS[config][0])
     # The random weights once, before any run (parallel runs would race to build them).
     from runner.models.resolve import materialize
     from runner.recipe import load_recipe

@@ -85,6 +85,25 @@ def make_tokenizer(
     return hf
 
 
+def tiny_glm(tok: Any, **config: Any) -> Any:
+    """A randomly initialised 2-layer GLM (hidden 32) for `tok`, seed 0, in training mode;
+    `config` sets attributes of its config (e.g. `_attn_implementation`)."""
+    from runner.models.tiny import build_config, init_model
+
+    cfg = build_config(
+        tok,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=128,
+    )
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    return init_model(cfg, seed=0)
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(

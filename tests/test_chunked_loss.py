@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import datakit
 import pytest
 from datakit import make_tokenizer, write_recipe
 
@@ -18,20 +19,7 @@ torch = pytest.importorskip("torch")
 
 
 def tiny_glm(**config: Any) -> Any:
-    from runner.models.tiny import build_config, init_model
-
-    cfg = build_config(
-        make_tokenizer(),
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=128,
-    )
-    for key, value in config.items():
-        setattr(cfg, key, value)
-    model = init_model(cfg, seed=0)
+    model = datakit.tiny_glm(make_tokenizer(), **config)
     model.lm_head.weight.requires_grad_(False)  # frozen, as under LoRA
     return model
 

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import datakit
 import pytest
 from datakit import make_tokenizer, write_recipe
 
@@ -36,20 +37,9 @@ def rows(tok: Any) -> list[dict[str, list[int]]]:
 
 
 def tiny_glm(tok: Any, attn: str) -> Any:
-    from runner.models.tiny import build_config, init_model
-
-    config = build_config(
-        tok,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=128,
-    )
-    config._attn_implementation = attn
-    assert config.use_cache  # the collator must not rely on the model's config
-    return init_model(config, seed=0).eval()
+    model = datakit.tiny_glm(tok, _attn_implementation=attn)
+    assert model.config.use_cache  # the collator must not rely on the model's config
+    return model.eval()
 
 
 def collator(tmp_path: Path, tok: Any, packing: bool, *overrides: str) -> Any:

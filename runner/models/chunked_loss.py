@@ -53,11 +53,9 @@ def head_problem(model: Any) -> str | None:
         )
     if head.weight.requires_grad:
         return "the output head is trained (modules_to_save)"
-    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(config, key, None) not in (None, 1, 1.0):
             return f"the model scales its logits ({key})"
-    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
-        return "the model scales its logits (logits_scaling)"
     return None
 
 

@@ -365,20 +365,21 @@ def run(ctx: Context) -> dict[str, Any]:
 
         if is_launched(recipe):
             return run_train(ctx)
-    compiling = compile_wanted(recipe, torch.cuda.is_available())
-    if compiling and (problem := compile_problem(recipe, torch.cuda.is_available())):
+    cuda = torch.cuda.is_available()
+    compiling = compile_wanted(recipe, cuda)
+    if compiling and (problem := compile_problem(recipe, cuda)):
         raise RecipeError(problem)
     folder = materialize(recipe, ctx.log)
     tok = load_tokenizer(folder)
     model = ctx.memo.pop("model", None)
-    args = training_arguments(ctx, str(attempt_dir(ctx.run_dir, ctx.fingerprint)))
+    out_dir = attempt_dir(ctx.run_dir, ctx.fingerprint)
+    args = training_arguments(ctx, str(out_dir))
     if model is None:
         model, _ = load_for_training(recipe, folder)
     if compiling:
         ctx.log(f"train: {compile_layers(model)}")
-    if chunking_wanted(recipe, torch.cuda.is_available()):
+    if chunking_wanted(recipe, cuda):
         ctx.log(f"train: {chunk_the_loss(model)}")
-    out_dir = attempt_dir(ctx.run_dir, ctx.fingerprint)
     resume = ctx.memo.pop("resume") if "resume" in ctx.memo else start_attempt(ctx, out_dir)
     data = load_from_disk(str(ctx.path("data/tokenized")), keep_in_memory=True)
     collator = make_collator(recipe, tok)
