@@ -3,7 +3,7 @@
 ChatGLM3-6B's shape with random weights, both through the runner's own stages (recipe run).
 
     python bench/gpu.py [--steps-tutorial 12] [--steps 20] [--variants runner-sdpa,runner]
-                        [--parallel] [--gpus 2,4] [--fsdp 2] [--tag NAME]
+                        [--parallel] [--gpus 2,4] [--fsdp 2] [--profile 8:2] [--tag NAME]
 
 One call on a GPU machine: builds the 6B-shape GLM from a config with random weights (the
 recipe option model.random_init), formats and tokenizes the shipped demo data (AdvertiseGen
@@ -23,6 +23,10 @@ kernel; runner's row also carries its pad segment), where both ran: PASS when th
 
 --parallel runs the single-GPU configurations side by side, one per GPU of the machine, then the
 multi-GPU runs (--gpus, --fsdp) one after another on all of them.
+
+--profile STEP[:STEPS] records those optimizer steps of every run with torch.profiler
+(RECIPE_PROFILE, runner/profiling.py); `python bench/profile_summary.py RUN/logs/profile-rank*`
+then says where the time went (GPU busy, NCCL, idle gaps and the CPU calls during them).
 
 --smoke runs a tiny model on the CPU to check the flow. FlexAttention has no backward on the
 CPU, so there a flex configuration runs sdpa with its own pad_to_multiple_of (the numerics
@@ -349,6 +353,13 @@ def main() -> None:
         help="run the single-GPU configurations side by side, one per GPU of this machine "
         "(same card model; each is still one process on one GPU), then the multi-GPU runs",
     )
+    parser.add_argument(
+        "--profile",
+        default="",
+        metavar="STEP[:STEPS]",
+        help="record these optimizer steps of every run with torch.profiler (RECIPE_PROFILE); "
+        "bench/profile_summary.py reads the traces (run dir logs/profile-rank*.json.gz)",
+    )
     parser.add_argument("--no-tutorial", action="store_true", help="skip the tutorial row")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     parser.add_argument(
@@ -365,6 +376,8 @@ def main() -> None:
     import torch
 
     os.environ.setdefault("RECIPE_CACHE", str(args.work / "cache"))
+    if args.profile:
+        os.environ["RECIPE_PROFILE"] = args.profile
     args.work.mkdir(parents=True, exist_ok=True)
     model = prepare(args.work, SMOKE if args.smoke else shapes.GLM_6B)
     runs: list[tuple[str, str, list[str]]] = [

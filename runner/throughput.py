@@ -3,19 +3,23 @@
 The Trainer's own train_runtime includes start-up (CUDA context, first-step allocation,
 compilation); a benchmark wants the steady state, so steps before `warmup` are left out.
 
-Tokens are counted where the collator makes a batch: real tokens and samples from the rows it
+Tokens are measured where the collator makes a batch: real tokens and samples from the rows it
 was given (before any padding: a packed row's pad segment is neither a token nor a sample),
-padded tokens from the batch it returns. A batch of a length not seen before makes compiled
-kernels (flex_attention) compile again: the steps around it (the step that collated it and the
-next, as the data loader collates one batch ahead) are left out of the steady state too, as
-long as that leaves at least half of the steps after warm-up; a run whose lengths are new at
-nearly every step (dynamic padding, packing without pad_to_multiple_of) compiles nothing per
-length, and all its steps count.
+padded tokens from the batch it returns. They are counted when the Trainer trains on that batch
+(`count_when_trained`), not when it is collated: the data loader collates ahead, and counting at
+collation credited each step with the next step's batch, so a window that ended with the epoch
+came up one batch short (a 4-GPU run of 16 steps over one epoch read 8% low, 2026-11-28).
+A batch of a length not seen before makes compiled kernels (flex_attention, compiled layers)
+compile again: the step that trains it is left out of the steady state too, as long as that
+leaves at least half of the steps after warm-up; a run whose lengths are new at nearly every step
+(dynamic padding, packing without pad_to_multiple_of) compiles nothing per length, and all its
+steps count.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 
@@ -32,25 +36,34 @@ class Meter:
         self.shapes: set[tuple[int, ...]] = set()
         self.new_shape_steps: set[int] = set()  # intervals (index into marks) with a new shape
         self.paused = False  # while the Trainer evaluates
+        self.collated: deque[tuple[int, int, int, tuple[int, ...]]] = deque()  # not trained yet
 
     def count(self, batch: dict[str, Any], features: list[dict[str, Any]] | None = None) -> None:
+        """Measure a collated batch; it counts once `trained` says the Trainer took it."""
         ids = batch["input_ids"]
         if features is not None:  # before padding: exact whatever the collator adds
             rows = [len(f["input_ids"]) for f in features]
-            self.real += sum(rows)
-            self.samples += sum(1 for n in rows if n)
+            real, samples = sum(rows), sum(1 for n in rows if n)
         else:
             mask = batch.get("attention_mask")
-            self.real += int(mask.sum()) if mask is not None else int(ids.numel())
+            real = int(mask.sum()) if mask is not None else int(ids.numel())
             if "position_ids" in batch and mask is None:  # packed rows: one per position 0
-                self.samples += int((batch["position_ids"] == 0).sum())
+                samples = int((batch["position_ids"] == 0).sum())
             else:
-                self.samples += int(ids.shape[0])
-        self.padded += int(ids.numel())
-        shape = tuple(ids.shape)
+                samples = int(ids.shape[0])
+        self.collated.append((real, int(ids.numel()), samples, tuple(ids.shape)))
+
+    def trained(self) -> None:
+        """The Trainer trains on the oldest collated batch: count it in the current step."""
+        if not self.collated:  # collated in a data loader worker process: not seen here
+            return
+        real, padded, samples, shape = self.collated.popleft()
+        self.real += real
+        self.padded += padded
+        self.samples += samples
         if shape not in self.shapes:
             self.shapes.add(shape)
-            self.new_shape_steps.update((len(self.marks), len(self.marks) + 1))
+            self.new_shape_steps.add(len(self.marks))
 
     def step(self) -> None:
         import torch
@@ -117,6 +130,18 @@ def counting(collator: Any, meter: Meter) -> Any:
         return batch
 
     return collate
+
+
+def count_when_trained(trainer: Any, meter: Meter) -> None:
+    """Count each collated training batch when the Trainer trains on it (one call of its
+    training_step per micro-batch), not when the data loader collates it, ahead of time."""
+    training_step = trainer.training_step
+
+    def counted_training_step(*args: Any, **kwargs: Any) -> Any:
+        meter.trained()
+        return training_step(*args, **kwargs)
+
+    trainer.training_step = counted_training_step
 
 
 def pause_during_evaluation(trainer: Any, meter: Meter) -> None:

@@ -55,6 +55,39 @@ def test_fsdp_refuses_torch_compile_true(tmp_path: Path) -> None:
     )
 
 
+def test_layers_compile_in_place_without_dynamos_ddp_graph_splitting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("torch")
+    import torch._dynamo
+
+    from runner.models.compile import compile_layers
+
+    class Block(torch.nn.Linear):
+        pass
+
+    class Model(torch.nn.Module):
+        _no_split_modules = ("Block",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(4, 4), Block(4, 4)])
+
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    model = Model()
+    assert compile_layers(model) == (
+        "torch_compile: 2 Block layers compiled (the first steps, and the first step of each new "
+        "row length, wait for the compiler)"
+    )
+    assert torch._dynamo.config.optimize_ddp is False
+    assert [name for name, _ in model.named_parameters()] == [
+        "blocks.0.weight",
+        "blocks.0.bias",
+        "blocks.1.weight",
+        "blocks.1.bias",
+    ]
+
+
 def test_compiling_on_the_cpu_without_a_compiler_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

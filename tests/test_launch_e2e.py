@@ -140,12 +140,12 @@ def test_two_processes_of_2_train_like_one_process_of_4(
     assert diff / size < 2e-3, diff / size
 
 
-def start(run_dir: Path, env: dict[str, str], **faults: str) -> subprocess.Popen[str]:
+def start(run_dir: Path, env: dict[str, str], *extra: str, **faults: str) -> subprocess.Popen[str]:
     cmd = [
         sys.executable,
         "-c",
         "from runner.cli import main; main()",
-        *args(run_dir, "--gpus", "2", "--until", "train"),
+        *args(run_dir, "--gpus", "2", "--until", "train", *extra),
     ]
     return subprocess.Popen(
         cmd,
@@ -175,6 +175,35 @@ def test_a_killed_rank_ends_the_run_cleanly_and_it_resumes(
     assert resumed.exit_code == 0, resumed.output
     assert "train: resumed from checkpoint 2" in resumed.stdout
     assert losses(run_dir) == losses(two[0])  # the steps after the checkpoint are the same
+
+
+PACKED = ("--set", "train.packing=true")
+
+
+@pytest.fixture(scope="module")
+def packed_two(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
+    """An uninterrupted 2-process run of packed rows."""
+    run_dir = copy(prepared, tmp_path_factory.mktemp("packed") / "run")
+    return run_dir, here(run_dir, "--gpus", "2", "--until", "train", *PACKED)
+
+
+def test_packed_rows_are_balanced_and_a_killed_rank_resumes_the_same_order(
+    packed_two: tuple[Path, Result], prepared: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    done = packed_two[1]
+    assert done.exit_code == 0, done.output
+    assert (
+        "train: packed rows balanced across 2 processes (2 examples each, nearly equal tokens "
+        "per step)"
+    ) in done.stdout
+    run_dir = copy(prepared, tmp_path / "run")
+    proc = start(run_dir, env, *PACKED, RECIPE_FAULT="after_step:3", RECIPE_FAULT_RANK="1")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out + err
+    resumed = here(run_dir, "--gpus", "2", "--until", "train", *PACKED)
+    assert resumed.exit_code == 0, resumed.output
+    assert "train: resumed from checkpoint 2" in resumed.stdout
+    assert losses(run_dir) == losses(packed_two[0])  # the same examples after the checkpoint
 
 
 def test_ctrl_c_checkpoints_after_the_step_and_resumes(

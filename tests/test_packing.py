@@ -197,6 +197,7 @@ def test_token_counts_leave_the_pad_segment_out(tmp_path: Path) -> None:
     pack = collator(tmp_path, tok, True, "train.pad_to_multiple_of=48")
     meter = Meter(tok.pad_token_id)
     batch = counting(pack, meter)(examples)
+    meter.trained()
     assert (meter.real, meter.samples, meter.padded) == (real, 3, batch["input_ids"].numel())
     assert int(real_token_mask(batch, pack.pad_id, pack.multiple).sum()) == real
     unpadded = collator(tmp_path, tok, True, "train.pad_to_multiple_of=1")(examples)
@@ -218,22 +219,19 @@ def test_meter_leaves_steps_with_a_new_length_out() -> None:
 
     meter = Meter(0, warmup=1)
     lengths = [512, 512, 512, 1024, 512, 512, 512, 512, 512, 512]
+    t = 0.0
     for n in lengths:  # one batch per step; a new length compiles: a slow step
         meter.count({"input_ids": torch.zeros(1, n, dtype=torch.long)}, [{"input_ids": [1] * 100}])
-        meter.marks.append(
-            (
-                len(meter.marks) + (5.0 if n == 1024 else 0.0),
-                meter.real,
-                meter.padded,
-                meter.samples,
-            )
-        )
+        meter.trained()
+        t += 6.0 if n == 1024 else 1.0
+        meter.marks.append((t, meter.real, meter.padded, meter.samples))
     summary = meter.summary()
-    assert summary["steps_left_out"] == 2 and summary["batch_shapes"] == 2
+    assert summary["steps_left_out"] == 1 and summary["batch_shapes"] == 2
     assert summary["seconds_per_step"] == 1.0 and summary["real_tokens_per_second"] == 100.0
 
     dynamic = Meter(0, warmup=1)  # a new length at every step: nothing to leave out
     for n in range(1, 11):
         dynamic.count({"input_ids": torch.zeros(1, n, dtype=torch.long)}, [{"input_ids": [1]}])
+        dynamic.trained()
         dynamic.marks.append((float(n), dynamic.real, dynamic.padded, dynamic.samples))
     assert dynamic.summary()["steps_left_out"] == 0

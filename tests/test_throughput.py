@@ -52,7 +52,38 @@ def test_evaluation_batches_are_not_training_throughput() -> None:
     collate([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
     assert trainer.evaluation_loop([{"input_ids": [1] * 50}]) == "metrics"
     collate([{"input_ids": [6]}])
+    meter.trained()
+    meter.trained()
+    meter.trained()  # nothing left: a no-op
     assert (meter.real, meter.samples, meter.paused) == (6, 3, False)
+
+
+def test_a_batch_counts_in_the_step_that_trains_it_not_when_collated_ahead() -> None:
+    """The data loader collates one batch ahead; the last step of the data has nothing left
+    to collate and must still count its own batch."""
+    from runner.throughput import count_when_trained, counting
+
+    meter = Meter(pad_id=0, warmup=0)
+    collate = counting(lambda rows: {"input_ids": _Ids(len(rows))}, meter)
+    trained: list[int] = []
+
+    class Trainer:
+        def training_step(self, rows: int) -> None:
+            trained.append(rows)
+
+    trainer = Trainer()
+    count_when_trained(trainer, meter)
+    batches = [[{"input_ids": [1] * 10}] * n for n in (2, 2, 3, 2)]
+    collate(batches[0])
+    for i, batch in enumerate(batches):
+        if i + 1 < len(batches):
+            collate(batches[i + 1])  # ahead of the step, as accelerate's loader does
+        trainer.training_step(len(batch))
+        meter.step()
+    assert trained == [2, 2, 3, 2]
+    per_step = [b[1] - a[1] for a, b in zip(meter.marks, meter.marks[1:], strict=False)]
+    assert per_step == [20, 30, 20]  # steps 2-4: their own batches, the last one included
+    assert meter.new_shape_steps == {0, 2}  # (2, 3) first trained in step 1, (3, 3) in step 3
 
 
 class _Ids:

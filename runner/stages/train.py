@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runner import faults
+from runner import faults, profiling
 from runner.checkpoints import (
     attempt_dir,
     changed_settings,
@@ -28,7 +28,7 @@ from runner.errors import Interrupted, RecipeError, StageError
 from runner.launch import STOP_FILE
 from runner.progress import TrainProgress
 from runner.state import is_disk_full, path_size, write_json_atomic
-from runner.throughput import Meter, counting, pause_during_evaluation
+from runner.throughput import Meter, count_when_trained, counting, pause_during_evaluation
 
 # Keys of [train] that go to TrainingArguments unchanged.
 PASSTHROUGH = (
@@ -85,6 +85,7 @@ def training_arguments(ctx: Context, output_dir: str) -> Any:
     kwargs = {k: cfg[k] for k in PASSTHROUGH} | versioned_arguments(cfg, fields)
     if ctx.world_size > 1:  # LoRA on every target layer: each trainable parameter gets a grad
         kwargs["ddp_find_unused_parameters"] = False
+        kwargs["ddp_broadcast_buffers"] = False  # constant buffers (rotary): no sync per step
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.path("logs/tensorboard"))
     args = TrainingArguments(
         output_dir=output_dir,
@@ -353,6 +354,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from datasets import load_from_disk
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
+    from runner.data.balance import balance_processes
     from runner.data.collate import count_real_tokens, make_collator
     from runner.models.chunked_loss import chunk_the_loss, chunking_wanted
     from runner.models.compile import compile_layers, compile_problem, compile_wanted
@@ -403,7 +405,10 @@ def run(ctx: Context) -> dict[str, Any]:
     )
     trainer.remove_callback(PrinterCallback)  # our callback logs instead of printing dicts
     pause_during_evaluation(trainer, meter)
+    count_when_trained(trainer, meter)
     count_real_tokens(trainer, collator)  # tokens seen: a packed row's pad segment left out
+    if cfg["packing"] and ctx.world_size > 1 and not cfg["group_by_length"]:
+        ctx.log(balance_processes(trainer, recipe.seed))
     fsdp = fsdp_ready(trainer)
     for hook in faults.trainer_hooks(
         trainer,
@@ -411,6 +416,8 @@ def run(ctx: Context) -> dict[str, Any]:
         lambda: flag["stop"] or ctx.path(STOP_FILE).exists(),
     ):
         trainer.callback_handler.callbacks.insert(0, hook)
+    for hook in profiling.trainer_hooks(ctx.path("logs"), ctx.rank):  # benchmarks only
+        trainer.add_callback(hook)
     if cfg["eval_steps"]:
         keep_training_layout(model)
     if resume is not None and is_last_step(resume):

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Where a profiled training step's time goes: reads the traces RECIPE_PROFILE writes
+(runner/profiling.py; bench/gpu.py --profile) and prints, per trace, the recorded wall time,
+GPU busy time (kernels, copies), communication kernels (NCCL) and how much of them no compute
+overlapped, the GPU's idle time, and the longest idle gaps with the CPU calls they coincide
+with (a sync, a collective, data collation ...).
+
+    python bench/profile_summary.py RUN_DIR/logs/profile-rank*.json.gz [--gaps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+GPU = ("kernel", "gpu_memcpy", "gpu_memset")
+CPU = ("cuda_runtime", "cpu_op", "cuda_driver")
+
+
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def total(intervals: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in intervals)
+
+
+def summarize(path: Path, gaps_shown: int) -> None:
+    with gzip.open(path, "rt") as f:
+        events: list[dict[str, Any]] = [
+            e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e
+        ]
+    spans = {c: [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == c] for c in GPU}
+    gpu = [s for c in GPU for s in spans[c]]
+    if not gpu:
+        print(f"{path}: no GPU activity recorded")
+        return
+    comm = [
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") == "kernel" and "nccl" in e["name"].lower()
+    ]
+    compute = [
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") in GPU and "nccl" not in e["name"].lower()
+    ]
+    start = min(e["ts"] for e in events)
+    end = max(e["ts"] + e["dur"] for e in events)
+    busy = union(gpu)
+    wall = end - start
+    exposed = total(busy) - total(union(compute))
+    print(f"\n{path}")
+    print(
+        f"  recorded {wall / 1e3:.1f} ms; GPU busy {total(busy) / 1e3:.1f} ms "
+        f"({total(busy) / wall:.1%}); idle {(wall - total(busy)) / 1e3:.1f} ms; "
+        f"NCCL kernels {total(union(comm)) / 1e3:.1f} ms, not overlapped by compute "
+        f"{exposed / 1e3:.1f} ms"
+    )
+    kernels: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "kernel":
+            kernels[e["name"][:70]] += e["dur"]
+    for name, t in sorted(kernels.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"    {t / 1e3:9.1f} ms  {name}")
+    idle = [(a[1], b[0]) for a, b in itertools.pairwise(busy)]  # busy is merged: all gaps
+    idle.sort(key=lambda g: g[0] - g[1])
+    cpu = [e for e in events if e.get("cat") in CPU]
+    print(f"  longest GPU idle gaps ({len(idle)} in all):")
+    for g0, g1 in idle[:gaps_shown]:
+        overlap: dict[str, float] = defaultdict(float)
+        for e in cpu:
+            o = min(g1, e["ts"] + e["dur"]) - max(g0, e["ts"])
+            if o > 0:
+                overlap[e["name"][:40]] += o
+        busiest = sorted(overlap.items(), key=lambda kv: -kv[1])[:4]
+        what = ", ".join(f"{n} {o / 1e3:.1f}" for n, o in busiest) or "no CPU call recorded"
+        print(f"    {(g1 - g0) / 1e3:7.1f} ms at +{(g0 - start) / 1e3:7.1f} ms: {what}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("traces", nargs="+", type=Path)
+    parser.add_argument("--gaps", type=int, default=8, help="how many idle gaps to show")
+    args = parser.parse_args()
+    for path in args.traces:
+        summarize(path, args.gaps)
+
+
+if __name__ == "__main__":
+    main()
