@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 
 def deal(
@@ -79,33 +80,33 @@ class BalancedBatches:
             )
 
 
-def balance_processes(trainer: object, seed: int) -> str:
+def balance_processes(trainer: Any, seed: int) -> str:
     """Give `trainer` a training data loader of BalancedBatches; a line saying so."""
     import pyarrow.compute as pc
     from torch.utils.data import DataLoader
 
-    args = trainer.args  # type: ignore[attr-defined]
-    data = trainer.train_dataset  # type: ignore[attr-defined]
-    lengths = pc.list_value_length(data.data.column("input_ids")).to_pylist()
+    args = trainer.args
+    data = trainer.train_dataset
+    lengths = pc.list_value_length(data.with_format("arrow")["input_ids"]).to_pylist()
     sampler = BalancedBatches(
         lengths,
         args.per_device_train_batch_size,
         args.world_size,
         seed,
-        lambda: trainer.state.epoch or 0.0,  # type: ignore[attr-defined]
+        lambda: trainer.state.epoch or 0.0,
     )
 
-    def train_loader() -> DataLoader:
+    def train_loader() -> Any:
         loader = DataLoader(
             data,
             batch_sampler=sampler,
-            collate_fn=trainer.data_collator,  # type: ignore[attr-defined]
+            collate_fn=trainer.data_collator,
             num_workers=args.dataloader_num_workers,
             pin_memory=args.dataloader_pin_memory,
         )
-        return trainer.accelerator.prepare(loader)  # type: ignore[attr-defined,no-any-return]
+        return trainer.accelerator.prepare(loader)
 
-    trainer.get_train_dataloader = train_loader  # type: ignore[attr-defined]
+    trainer.get_train_dataloader = train_loader
     return (
         f"train: packed rows balanced across {args.world_size} processes "
         f"({args.per_device_train_batch_size} examples each, nearly equal tokens per step)"
