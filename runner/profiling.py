@@ -9,9 +9,7 @@ the CPU did during them). Nothing else reads the variable; it is not a recipe se
 
 from __future__ import annotations
 
-import gzip
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +54,8 @@ def trainer_hooks(log_dir: Path, rank: int) -> list[Any]:
                 torch.cuda.synchronize()
             self.profiler.stop()
             log_dir.mkdir(parents=True, exist_ok=True)
-            trace = log_dir / f"profile-rank{rank}.json"
-            self.profiler.export_chrome_trace(str(trace))
-            with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
-                shutil.copyfileobj(raw, packed)
-            trace.unlink()
+            # a .gz name: torch writes the trace gzipped
+            self.profiler.export_chrome_trace(str(log_dir / f"profile-rank{rank}.json.gz"))
             self.profiler = None
 
     return [Profile()]

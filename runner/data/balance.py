@@ -60,12 +60,10 @@ class BalancedBatches:
         self.seed = seed
         self.epoch = epoch
 
-    def steps(self) -> int:
-        """Steps an epoch: the last one is filled up from the epoch's first examples."""
-        return math.ceil(len(self.lengths) / (self.per_process * self.processes))
-
     def __len__(self) -> int:
-        return self.steps() * self.processes
+        """A batch per process per step; the last step is filled up from the epoch's first
+        examples."""
+        return math.ceil(len(self.lengths) / (self.per_process * self.processes)) * self.processes
 
     def __iter__(self) -> Iterator[list[int]]:
         order = list(range(len(self.lengths)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from runner.models.load import unwrapped
 from runner.recipe import Recipe
 
 CHUNK_ELEMENTS = 2**27  # logits per chunk: ~2k tokens at a 65k vocabulary (0.5 GB fp32)
@@ -40,11 +41,10 @@ def chunking_wanted(recipe: Recipe, cuda: bool) -> bool:
     return bool(setting)
 
 
-def head_problem(model: Any) -> str | None:
-    """Why the model's output head cannot be chunked (None: it can)."""
+def head_problem(base: Any) -> str | None:
+    """Why the (unwrapped) model's output head cannot be chunked (None: it can)."""
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     config = base.config
     if type(head) is not torch.nn.Linear:
@@ -109,9 +109,9 @@ def chunked_causal_lm_loss(head: Any) -> Any:
 def chunk_the_loss(model: Any) -> str:
     """Install the chunked loss on `model` (a peft or transformers causal LM); a line saying
     what was done or why not."""
-    if problem := head_problem(model):
+    base = unwrapped(model)
+    if problem := head_problem(base):
         return f"chunked_cross_entropy: off: {problem}"
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     head.forward = lambda hidden: hidden  # the instance only: weights and names unchanged
     base.loss_function = chunked_causal_lm_loss(head)

@@ -12,6 +12,7 @@ import os
 import shutil
 from typing import Any
 
+from runner.models.load import unwrapped
 from runner.recipe import Recipe
 
 
@@ -46,7 +47,7 @@ def compile_problem(recipe: Recipe, cuda: bool) -> str | None:
 def repeated_layers(model: Any) -> list[Any]:
     """The decoder layers: modules of the classes transformers never splits across devices
     (`_no_split_modules`), which for causal LMs are exactly the repeated blocks."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     return [m for m in base.modules() if type(m).__name__ in names]
 

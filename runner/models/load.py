@@ -15,6 +15,11 @@ from runner.models.chatglm import (
 from runner.recipe import Recipe
 
 
+def unwrapped(model: Any) -> Any:
+    """The transformers model itself: under peft's wrapper when there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def device_map() -> Any:
     import os
 
