@@ -5,6 +5,11 @@ parses, optimizer.pt and scheduler.pt are complete torch archives, the adapter w
 header covers the file. The Trainer writes trainer_state.json last, so a checkpoint half-written
 when the process died is skipped in favour of the previous one.
 
+FSDP's sharded checkpoints (pytorch_model_fsdp_0/, optimizer_0/) are not resumed: measured on an
+H200 (transformers 5.17, accelerate 1.15, peft 0.21), resuming one restored the step, optimizer
+and schedule but left the LoRA weights at their initial values, and the losses went on differently
+from an uninterrupted run. Starting over is slower but right; the skip note says why.
+
 Each attempt folder also holds attempt.json: the train stage's params, inputs, upstream
 fingerprints and library versions when the attempt started, and whether it finished, so a new
 attempt can say what changed (runner.plan.explain) and `train.on_changed_settings = "refuse"` can
@@ -23,6 +28,11 @@ from runner.errors import RecipeError
 
 REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")
+SHARDED = "pytorch_model_fsdp_0"
+NOT_RESUMED = (
+    "FSDP-sharded: resuming it would not restore the LoRA weights (peft 0.21 under FSDP), "
+    "so training starts over"
+)
 ATTEMPT = "attempt.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -52,6 +62,8 @@ def _file_problem(path: Path) -> str | None:
 
 def checkpoint_problem(path: Path) -> str | None:
     """None when `path` is a complete checkpoint, else what is wrong with it."""
+    if (path / SHARDED).is_dir():
+        return NOT_RESUMED
     for name in REQUIRED:
         if not (path / name).is_file() or (path / name).stat().st_size == 0:
             return f"{name} missing or empty"

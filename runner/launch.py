@@ -147,6 +147,16 @@ def fsdp_flags(recipe: Recipe) -> list[str]:
     ]
 
 
+def what_next(out_dir: Path) -> str:
+    """What the next `recipe run` does after a failed or stopped launch, and why."""
+    from runner.checkpoints import newest_valid, step_of
+
+    newest, skipped = newest_valid(out_dir)
+    if newest is not None:
+        return f"`recipe run` resumes from checkpoint {step_of(newest)}"
+    return f"`recipe run` starts it again ({skipped[0] if skipped else 'no checkpoint was saved'})"
+
+
 def cpu_threads(recipe: Recipe) -> int:
     """CPU-only runs (tests): split the cores between the processes instead of oversubscribing."""
     per = (os.cpu_count() or 1) // max(int(recipe.get("launch.num_processes")), 1)
@@ -177,7 +187,7 @@ def release_gpu(ctx: Context) -> bool:
 
 def run_train(ctx: Context) -> dict[str, Any]:
     """Run the train stage through accelerate; the metrics rank 0 reported."""
-    from runner.checkpoints import attempt_dir, newest_valid, step_of
+    from runner.checkpoints import attempt_dir
     from runner.stages.train import start_attempt
 
     recipe = ctx.recipe
@@ -250,12 +260,7 @@ def run_train(ctx: Context) -> dict[str, Any]:
         raise Interrupted("train")
     if result is not None and result.get("recipe_error"):
         raise RecipeError(result["recipe_error"])
-    newest, _ = newest_valid(out_dir)
-    resumes = (
-        f"`recipe run` resumes from checkpoint {step_of(newest)}"
-        if newest is not None
-        else "`recipe run` starts it again (no checkpoint was saved)"
-    )
+    resumes = what_next(out_dir)
     if stop_file.is_file():
         stop_file.unlink(missing_ok=True)
         ctx.log(f"train: stopped; {resumes}")

@@ -95,6 +95,28 @@ def test_half_written_newest_checkpoint_falls_back_to_the_previous(tmp_path: Pat
     ]
 
 
+def test_fsdp_sharded_checkpoint_is_not_resumed(tmp_path: Path) -> None:
+    """Resuming one left the LoRA weights at their initial values (H200, peft 0.21): start over,
+    and a failed launch says so."""
+    from runner.checkpoints import NOT_RESUMED
+    from runner.launch import what_next
+
+    assert what_next(tmp_path) == "`recipe run` starts it again (no checkpoint was saved)"
+    path = fake_checkpoint(tmp_path, 2)
+    (path / "optimizer.pt").unlink()
+    (path / "adapter_model.safetensors").unlink()
+    for shards in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (path / shards).mkdir()
+        (path / shards / ".metadata").write_bytes(b"x" * 64)
+        (path / shards / "__0_0.distcp").write_bytes(b"x" * 64)
+    assert newest_valid(tmp_path) == (None, [f"checkpoint 2 skipped: {NOT_RESUMED}"])
+    assert what_next(tmp_path) == (
+        f"`recipe run` starts it again (checkpoint 2 skipped: {NOT_RESUMED})"
+    )
+    fake_checkpoint(tmp_path, 1)
+    assert what_next(tmp_path) == "`recipe run` resumes from checkpoint 1"
+
+
 def _record(st, finished: bool = False) -> dict:  # type: ignore[no-untyped-def]
     return {
         **st.identity(),

@@ -332,21 +332,47 @@ def merged_meter(ctx: Context, meter: Meter) -> dict[str, Any]:
 
 def fsdp_ready(trainer: Any) -> bool:
     """FSDP-QLoRA: peft's wrap policy puts the trainable adapters in units of their own (flat
-    parameters must not mix frozen and trainable tensors). True when FSDP is on."""
+    parameters must not mix frozen and trainable tensors), and peft finds the adapter's keys
+    under those nested wrappers (runner/models/fsdp_names.py). True when FSDP is on."""
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is None:
         return False
     from peft.utils.other import fsdp_auto_wrap_policy
 
+    from runner.models.fsdp_names import clean_fsdp_prefixes
+
     plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+    clean_fsdp_prefixes()
     return True
 
 
 def save_final(ctx: Context, trainer: Any, fsdp: bool) -> None:
-    """The adapter, by every rank (FSDP gathers the shards); written by rank 0."""
+    """The adapter, by every rank (FSDP gathers the shards); written by rank 0, which checks
+    under FSDP that the file holds tensors (peft filters the gathered state dict by name)."""
+    folder = ctx.path("train/final")
     if fsdp:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(ctx.path("train/final")))
+    trainer.save_model(str(folder))
+    if fsdp and ctx.is_main and adapter_tensors(folder) == 0:
+        import peft
+
+        raise StageError(
+            "train",
+            f"the adapter saved to {folder} holds no tensors: peft {peft.__version__} did not "
+            "find the adapter's weights under FSDP's wrappers (checked with peft 0.21.0); "
+            'install peft==0.21.0 or set launch.strategy = "ddp"',
+        )
+
+
+def adapter_tensors(folder: Path) -> int:
+    """How many tensors the saved adapter holds (0 when there is no safetensors file)."""
+    from safetensors import safe_open
+
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), "np") as f:
+        return len(list(f.keys()))
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -410,6 +436,11 @@ def run(ctx: Context) -> dict[str, Any]:
     if cfg["packing"] and ctx.world_size > 1 and not cfg["group_by_length"]:
         ctx.log(balance_processes(trainer, recipe.seed))
     fsdp = fsdp_ready(trainer)
+    if fsdp:
+        ctx.log(
+            "train: FSDP: a stopped or failed run starts over; resuming a sharded checkpoint "
+            "does not restore the LoRA weights yet (README: More than one GPU)"
+        )
     for hook in faults.trainer_hooks(
         trainer,
         ctx.run_dir,  # tests only
