@@ -41,21 +41,17 @@ def summarize(path: Path, gaps_shown: int) -> None:
         events: list[dict[str, Any]] = [
             e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e
         ]
-    spans = {c: [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == c] for c in GPU}
-    gpu = [s for c in GPU for s in spans[c]]
-    if not gpu:
+    on_gpu = [e for e in events if e.get("cat") in GPU]
+    if not on_gpu:
         print(f"{path}: no GPU activity recorded")
         return
-    comm = [
-        (e["ts"], e["ts"] + e["dur"])
-        for e in events
-        if e.get("cat") == "kernel" and "nccl" in e["name"].lower()
-    ]
-    compute = [
-        (e["ts"], e["ts"] + e["dur"])
-        for e in events
-        if e.get("cat") in GPU and "nccl" not in e["name"].lower()
-    ]
+    gpu: list[tuple[float, float]] = []
+    comm: list[tuple[float, float]] = []  # NCCL kernels
+    compute: list[tuple[float, float]] = []
+    for e in on_gpu:
+        span = (e["ts"], e["ts"] + e["dur"])
+        gpu.append(span)
+        (comm if "nccl" in e["name"].lower() else compute).append(span)
     start = min(e["ts"] for e in events)
     end = max(e["ts"] + e["dur"] for e in events)
     busy = union(gpu)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runner.checkpoints import attempt_dir, newest_valid, step_of
 from runner.context import Context
 from runner.errors import Interrupted, RecipeError, StageError
 from runner.recipe import Recipe
@@ -149,8 +150,6 @@ def fsdp_flags(recipe: Recipe) -> list[str]:
 
 def what_next(out_dir: Path) -> str:
     """What the next `recipe run` does after a failed or stopped launch, and why."""
-    from runner.checkpoints import newest_valid, step_of
-
     newest, skipped = newest_valid(out_dir)
     if newest is not None:
         return f"`recipe run` resumes from checkpoint {step_of(newest)}"
@@ -187,7 +186,6 @@ def release_gpu(ctx: Context) -> bool:
 
 def run_train(ctx: Context) -> dict[str, Any]:
     """Run the train stage through accelerate; the metrics rank 0 reported."""
-    from runner.checkpoints import attempt_dir
     from runner.stages.train import start_attempt
 
     recipe = ctx.recipe
