@@ -500,7 +500,7 @@ def export(
     if merge_out is not None:
         export_merged(recipe, merge_out, _note)
     if chatglm_out is not None:
-        from runner.models.chatglm_export import export_chatglm_adapter
+        from runner.export import export_chatglm_adapter
 
         export_chatglm_adapter(recipe, chatglm_out, _note)
 

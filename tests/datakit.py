@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from runner.models.chatglm import CHATGLM3_SPECIAL_TOKENS
+from runner.models.chatglm.tokenizer import CHATGLM3_SPECIAL_TOKENS
 from runner.plan import compute_plan, state_path
 from runner.recipe import load_recipe
 from runner.state import describe_path, new_state, write_json_atomic

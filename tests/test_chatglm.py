@@ -18,10 +18,27 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
+from chatglm_reference import ChatGLMReference  # noqa: E402
 from datakit import chatglm_config  # noqa: E402
 
-from runner.models import chatglm as cg  # noqa: E402
-from runner.models.chatglm_reference import ChatGLMReference  # noqa: E402
+from runner.models.chatglm.adapters import (  # noqa: E402
+    chatglm_adapter_to_glm,
+    convert_adapter,
+    convert_adapter_dir,
+    glm_adapter_to_chatglm,
+)
+from runner.models.chatglm.checkpoint import convert_checkpoint, is_chatglm_checkpoint  # noqa: E402
+from runner.models.chatglm.config import chatglm_config_to_glm  # noqa: E402
+from runner.models.chatglm.names import (  # noqa: E402
+    translate_target_modules,
+    translate_target_modules_to_chatglm,
+)
+from runner.models.chatglm.tokenizer import (  # noqa: E402
+    CHATGLM3_SPECIAL_TOKENS,
+    encode_chatglm3_messages,
+    load_chatglm_tokenizer,
+)
+from runner.models.chatglm.weights import convert_state_dict, glm_state_dict_to_chatglm  # noqa: E402
 
 SP_VOCAB = 400  # tiny SentencePiece model; the ChatGLM3 specials follow at 400..408
 PADDED_VOCAB = chatglm_config()["padded_vocab_size"]  # 416
@@ -53,10 +70,10 @@ def chatglm_state_dict(ref: ChatGLMReference) -> dict[str, Any]:
 def glm_model(cfg: dict[str, Any], sd: dict[str, Any], attn: str = "eager") -> Any:
     from transformers import GlmForCausalLM
 
-    config = cg.chatglm_config_to_glm(cfg)
+    config = chatglm_config_to_glm(cfg)
     config._attn_implementation = attn
     model = GlmForCausalLM(config).eval()
-    model.load_state_dict(cg.convert_state_dict(sd, cfg), strict=True)
+    model.load_state_dict(convert_state_dict(sd, cfg), strict=True)
     return model
 
 
@@ -116,7 +133,7 @@ def test_reference_comparison_is_sensitive() -> None:
 
 def test_config_mapping() -> None:
     cfg = chatglm_config(rope_ratio=500.0)
-    config = cg.chatglm_config_to_glm(cfg, eos_token_ids=[2, 406, 408])
+    config = chatglm_config_to_glm(cfg, eos_token_ids=[2, 406, 408])
     assert config.model_type == "glm"
     assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (2, 64, 128)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 2, 16)
@@ -130,9 +147,9 @@ def test_config_mapping() -> None:
     rope = dict(config.rope_parameters or {})
     assert rope["rope_theta"] == pytest.approx(5_000_000.0)
     assert rope["partial_rotary_factor"] == 0.5
-    no_mqa = cg.chatglm_config_to_glm(chatglm_config(multi_query_attention=False))
+    no_mqa = chatglm_config_to_glm(chatglm_config(multi_query_attention=False))
     assert no_mqa.num_key_value_heads == 4
-    default_rope = dict(cg.chatglm_config_to_glm(chatglm_config()).rope_parameters or {})
+    default_rope = dict(chatglm_config_to_glm(chatglm_config()).rope_parameters or {})
     assert default_rope["rope_theta"] == 10000.0
 
 
@@ -143,47 +160,47 @@ def test_config_mapping() -> None:
 )
 def test_unsupported_configs_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        cg.chatglm_config_to_glm(chatglm_config(**bad))
+        chatglm_config_to_glm(chatglm_config(**bad))
 
 
 def test_state_dict_round_trip_and_unknown_keys() -> None:
     cfg = chatglm_config(multi_query_attention=False)
     sd = chatglm_state_dict(random_reference(cfg))
-    glm_sd = cg.convert_state_dict(sd, cfg)
+    glm_sd = convert_state_dict(sd, cfg)
     assert "model.layers.1.self_attn.k_proj.bias" in glm_sd
     assert not any("inv_freq" in k for k in glm_sd)
-    back = cg.glm_state_dict_to_chatglm(glm_sd, cfg)
+    back = glm_state_dict_to_chatglm(glm_sd, cfg)
     assert set(back) == set(sd) - {"transformer.rotary_pos_emb.inv_freq"}
     assert all(torch.equal(back[k], sd[k]) for k in back)
     with pytest.raises(ValueError, match="unexpected key"):
-        cg.convert_state_dict({"transformer.prefix_encoder.embedding.weight": torch.zeros(1)}, cfg)
+        convert_state_dict({"transformer.prefix_encoder.embedding.weight": torch.zeros(1)}, cfg)
 
 
 def test_translate_target_modules() -> None:
-    assert cg.translate_target_modules(["query_key_value", "dense", "dense_h_to_4h"]) == [
+    assert translate_target_modules(["query_key_value", "dense", "dense_h_to_4h"]) == [
         "q_proj",
         "k_proj",
         "v_proj",
         "o_proj",
         "gate_up_proj",
     ]
-    assert cg.translate_target_modules(["dense_4h_to_h", "q_proj", "query_key_value"]) == [
+    assert translate_target_modules(["dense_4h_to_h", "q_proj", "query_key_value"]) == [
         "down_proj",
         "q_proj",
         "k_proj",
         "v_proj",
     ]
-    assert cg.translate_target_modules("all-linear") == ["all-linear"]
-    assert cg.translate_target_modules(["transformer.encoder.layers.3.mlp.dense_4h_to_h"]) == [
+    assert translate_target_modules("all-linear") == ["all-linear"]
+    assert translate_target_modules(["transformer.encoder.layers.3.mlp.dense_4h_to_h"]) == [
         "model.layers.3.mlp.down_proj"
     ]
-    assert cg.translate_target_modules_to_chatglm(["q_proj", "v_proj", "o_proj", "down_proj"]) == [
+    assert translate_target_modules_to_chatglm(["q_proj", "v_proj", "o_proj", "down_proj"]) == [
         "query_key_value",
         "dense",
         "dense_4h_to_h",
     ]
     with pytest.raises(ValueError):
-        cg.translate_target_modules(r".*\.query_key_value")
+        translate_target_modules(r".*\.query_key_value")
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -271,7 +288,7 @@ def sample_texts() -> list[str]:
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
 def test_tokenizer_segments_like_sentencepiece(sp_models: dict[str, Path], kind: str) -> None:
     sp = spm.SentencePieceProcessor(model_file=str(sp_models[kind]))
-    tok = cg.load_chatglm_tokenizer(sp_models[kind])
+    tok = load_chatglm_tokenizer(sp_models[kind])
     for text in sample_texts():
         if STANDALONE_SOP.search(text):
             continue  # a stand-alone "sop"/"eop" is the special token here, text in sp
@@ -283,8 +300,8 @@ def test_tokenizer_segments_like_sentencepiece(sp_models: dict[str, Path], kind:
 def test_tokenizer_special_tokens(sp_model: Path) -> None:
     n = spm.SentencePieceProcessor(model_file=str(sp_model)).vocab_size()
     assert n == SP_VOCAB
-    tok = cg.load_chatglm_tokenizer(sp_model, model_max_length=256)
-    ids = tok.convert_tokens_to_ids(list(cg.CHATGLM3_SPECIAL_TOKENS))
+    tok = load_chatglm_tokenizer(sp_model, model_max_length=256)
+    ids = tok.convert_tokens_to_ids(list(CHATGLM3_SPECIAL_TOKENS))
     assert ids == list(range(n, n + 9))  # [MASK]=n ... [gMASK]=n+1, sop=n+3, <|user|>=n+6
     assert len(tok) == n + 9
     assert (tok.eos_token, tok.eos_token_id) == ("</s>", 2)
@@ -336,7 +353,7 @@ CHAT: list[dict[str, Any]] = [
 def test_chat_template(sp_model: Path) -> None:
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     n = sp.vocab_size()
-    tok = cg.load_chatglm_tokenizer(sp_model)
+    tok = load_chatglm_tokenizer(sp_model)
     text = chat_text(tok, CHAT, add_generation_prompt=True)
     assert text == (
         "[gMASK]sop<|system|>\n You are a helpful assistant.<|user|>\n 你好"
@@ -349,7 +366,7 @@ def test_chat_template(sp_model: Path) -> None:
         assert tok.encode(
             text if gen else text[: -len("<|assistant|>")], add_special_tokens=False
         ) == (expected)
-        assert cg.encode_chatglm3_messages(tok, CHAT, add_generation_prompt=gen) == expected
+        assert encode_chatglm3_messages(tok, CHAT, add_generation_prompt=gen) == expected
     # tools on a system message and metadata, as ChatGLM3's build_chat_input writes them
     tools = [{"name": "get_weather", "parameters": {"city": "string"}}]
     chat: list[dict[str, Any]] = [
@@ -363,14 +380,14 @@ def test_chat_template(sp_model: Path) -> None:
     assert "<|assistant|>get_weather\n tool_call" in rendered
     assert rendered.endswith("<|observation|>\n sunny")
     ids = tok.encode(rendered, add_special_tokens=False)
-    assert ids == cg.encode_chatglm3_messages(tok, chat)
+    assert ids == encode_chatglm3_messages(tok, chat)
     # content that contains special-token text stays text with the ChatGLM3-style encoder
     odd = [{"role": "user", "content": "a sop <|user|>"}]
-    assert n + 6 not in cg.encode_chatglm3_messages(tok, odd)[3:]
+    assert n + 6 not in encode_chatglm3_messages(tok, odd)[3:]
 
 
 def test_padding_side(sp_model: Path) -> None:
-    tok = cg.load_chatglm_tokenizer(sp_model)
+    tok = load_chatglm_tokenizer(sp_model)
     assert tok.padding_side == "left"
     batch = ["hello world, this is longer", "hi"]
     left = tok(batch, padding=True, padding_side="left", return_tensors="pt")
@@ -387,7 +404,7 @@ def test_tokenizer_rejects_non_sentencepiece(tmp_path: Path) -> None:
     bogus = tmp_path / "tokenizer.model"
     bogus.write_text("IQ== 0\nIg== 1\n")  # GLM-4 style tiktoken file
     with pytest.raises(ValueError, match="SentencePiece"):
-        cg.load_chatglm_tokenizer(bogus)
+        load_chatglm_tokenizer(bogus)
 
 
 # -------------------------------------------------------------------------- checkpoints
@@ -430,11 +447,11 @@ def test_convert_checkpoint(tmp_path: Path, sp_model: Path, fmt: str) -> None:
     cfg = chatglm_config(rope_ratio=2.0)
     ref = random_reference(cfg, seed=3)
     src = write_chatglm_checkpoint(tmp_path / "src", cfg, chatglm_state_dict(ref), sp_model, fmt)
-    assert cg.is_chatglm_checkpoint(src) and cg.is_chatglm_checkpoint(src / "config.json")
-    assert not cg.is_chatglm_checkpoint(tmp_path / "nowhere")
+    assert is_chatglm_checkpoint(src) and is_chatglm_checkpoint(src / "config.json")
+    assert not is_chatglm_checkpoint(tmp_path / "nowhere")
 
-    dst = cg.convert_checkpoint(src, tmp_path / "glm", max_shard_size=200_000)
-    assert not cg.is_chatglm_checkpoint(dst)
+    dst = convert_checkpoint(src, tmp_path / "glm", max_shard_size=200_000)
+    assert not is_chatglm_checkpoint(dst)
     assert (dst / "model.safetensors.index.json").is_file()  # re-sharded at 200 kB
     assert (dst / "MODEL_LICENSE").is_file()
     assert not list(tmp_path.glob(".glm.*"))  # no temp dirs left behind
@@ -457,8 +474,8 @@ def test_convert_checkpoint(tmp_path: Path, sp_model: Path, fmt: str) -> None:
     tok(["a", "bcd"], padding=True, padding_side="right")
 
     with pytest.raises(FileExistsError):
-        cg.convert_checkpoint(src, dst)
-    assert cg.convert_checkpoint(src, dst, overwrite=True) == dst
+        convert_checkpoint(src, dst)
+    assert convert_checkpoint(src, dst, overwrite=True) == dst
 
 
 def test_convert_checkpoint_failure_leaves_nothing(tmp_path: Path, sp_model: Path) -> None:
@@ -467,7 +484,7 @@ def test_convert_checkpoint_failure_leaves_nothing(tmp_path: Path, sp_model: Pat
     sd["transformer.prefix_encoder.embedding.weight"] = torch.zeros(2, 2)
     src = write_chatglm_checkpoint(tmp_path / "src", cfg, sd, sp_model, "safetensors")
     with pytest.raises(ValueError, match="unexpected key"):
-        cg.convert_checkpoint(src, tmp_path / "glm")
+        convert_checkpoint(src, tmp_path / "glm")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
@@ -527,8 +544,8 @@ def test_glm_lora_exports_to_chatglm(tmp_path: Path, use_rslora: bool) -> None:
     randomize_lora(glm, seed=7)
     glm_adapter = get_peft_model_state_dict(glm)
 
-    res = cg.convert_adapter(glm_adapter, lora_cfg, to="chatglm")
-    sd, targets = cg.glm_adapter_to_chatglm(glm_adapter, lora_cfg)
+    res = convert_adapter(glm_adapter, lora_cfg, to="chatglm")
+    sd, targets = glm_adapter_to_chatglm(glm_adapter, lora_cfg)
     assert sorted(targets) == sorted(CHATGLM_TARGETS) == sorted(res.target_modules)
     assert sd.keys() == res.state_dict.keys()
     qkv_a = (
@@ -556,9 +573,7 @@ def test_glm_lora_exports_to_chatglm(tmp_path: Path, use_rslora: bool) -> None:
 
     # the same through adapter directories (adapter_config.json carries the patterns)
     glm.save_pretrained(str(tmp_path / "glm_adapter"))
-    out = cg.convert_adapter_dir(
-        tmp_path / "glm_adapter", tmp_path / "chatglm_adapter", to="chatglm"
-    )
+    out = convert_adapter_dir(tmp_path / "glm_adapter", tmp_path / "chatglm_adapter", to="chatglm")
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["rank_pattern"] == {"query_key_value": 12}
     assert sorted(saved["target_modules"]) == sorted(CHATGLM_TARGETS)
@@ -567,7 +582,7 @@ def test_glm_lora_exports_to_chatglm(tmp_path: Path, use_rslora: bool) -> None:
         assert max_diff(loaded(ids), unmerged) < LORA_TOL
 
     # and back: the original q/k/v LoRAs, bit for bit, with the original ranks
-    back = cg.convert_adapter(sd, res.config, to="glm", model_config=cfg)
+    back = convert_adapter(sd, res.config, to="glm", model_config=cfg)
     assert back.state_dict.keys() == glm_adapter.keys()
     assert all(torch.equal(back.state_dict[k], glm_adapter[k]) for k in glm_adapter)
     assert back.config["rank_pattern"] == {} and back.config["alpha_pattern"] == {}
@@ -607,9 +622,9 @@ def test_fused_chatglm_lora_imports_to_glm() -> None:
     randomize_lora(chat, seed=3)
     chat_adapter = get_peft_model_state_dict(chat)
 
-    sd, targets = cg.chatglm_adapter_to_glm(chat_adapter, chat_cfg, model_config=cfg)
+    sd, targets = chatglm_adapter_to_glm(chat_adapter, chat_cfg, model_config=cfg)
     assert sorted(targets) == sorted(LORA_TARGETS)
-    res = cg.convert_adapter(chat_adapter, chat_cfg, to="glm", model_config=cfg)
+    res = convert_adapter(chat_adapter, chat_cfg, to="glm", model_config=cfg)
     assert res.config["rank_pattern"] == {} and res.config["alpha_pattern"] == {}
     # A is shared by q, k and v; B is split by rows
     a0 = "base_model.model.model.layers.0.self_attn.{}_proj.lora_A.weight"
@@ -625,7 +640,7 @@ def test_fused_chatglm_lora_imports_to_glm() -> None:
         assert max_diff(glm_merged(glm, ids), ref(ids)) < TOL  # both merged
 
     # shared A -> one fused LoRA again, tensors unchanged
-    again, _ = cg.glm_adapter_to_chatglm(sd, res.config)
+    again, _ = glm_adapter_to_chatglm(sd, res.config)
     assert again.keys() == chat_adapter.keys()
     assert all(torch.equal(again[k], chat_adapter[k]) for k in chat_adapter)
 
@@ -646,7 +661,7 @@ def test_partial_qkv_lora_and_patterns() -> None:
         "alpha_pattern": {"v_proj": 8},
         "target_modules": ["q_proj", "v_proj"],
     }
-    res = cg.convert_adapter(adapter, config, to="chatglm", model_config=cfg)
+    res = convert_adapter(adapter, config, to="chatglm", model_config=cfg)
     key = "base_model.model.transformer.encoder.layers.1.self_attention.query_key_value.lora_{}"
     key += ".weight"
     a, b = res.state_dict[key.format("A")], res.state_dict[key.format("B")]

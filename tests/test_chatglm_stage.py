@@ -52,9 +52,8 @@ ROWS = [
 @pytest.fixture(scope="module")
 def chatglm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ChatGLM-format checkpoint folder as THUDM ships one (remote code that must not run)."""
+    from chatglm_reference import ChatGLMReference
     from safetensors.torch import save_file
-
-    from runner.models.chatglm_reference import ChatGLMReference
 
     tmp = tmp_path_factory.mktemp("chatglm")
     corpus = tmp / "corpus.txt"
@@ -156,12 +155,12 @@ def test_materialize_converts_once_and_caches(
 def test_chatglm_checkpoint_trains_and_exports_to_chatglm_names(
     tmp_path: Path, chatglm: Path
 ) -> None:
+    from chatglm_reference import ChatGLMReference
     from peft import LoraConfig, PeftModel, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import GlmForCausalLM
 
-    from runner.models.chatglm import convert_adapter_dir
-    from runner.models.chatglm_reference import ChatGLMReference
+    from runner.models.chatglm.adapters import convert_adapter_dir
 
     recipe = write_recipe(tmp_path, chatglm, CHATGLM_NAMES)
     env = dict(os.environ, RECIPE_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
@@ -232,7 +231,7 @@ def test_chatglm_checkpoint_trains_and_exports_to_chatglm_names(
 
 def test_export_to_chatglm_names_needs_a_chatglm_model(tmp_path: Path) -> None:
     from runner.errors import RecipeError
-    from runner.models.chatglm_export import chatglm_config
+    from runner.export import chatglm_config
 
     (tmp_path / "corpus.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
     recipe = write_recipe(tmp_path, Path("builtin:tiny-glm"), ["q_proj"])

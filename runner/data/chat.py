@@ -8,8 +8,8 @@
   template's end-of-turn token is trained). The eos token is appended when the template's
   assistant turn does not contain it.
 - chatglm3: `[gMASK]sop<|user|>\\n {prompt}<|assistant|>\\n {response}</s>` built by
-  `runner.models.chatglm.encode_chatglm3_messages`, as ChatGLM3's own fine-tuning does: the
-  role tokens are masked, the newline after `<|assistant|>`, the reply and `</s>` are trained.
+  `runner.models.chatglm.tokenizer.encode_chatglm3_messages`, as ChatGLM3's own fine-tuning does:
+  the role tokens are masked, the newline after `<|assistant|>`, the reply and `</s>` are trained.
 
 In every format `encode` returns (prompt ids, response ids) where the response ids end with the
 end token; the tokenize stage masks the prompt and truncates. No torch here.
@@ -101,7 +101,7 @@ class Encoder:
         if self.fmt == "chat_template":
             texts = self._render([[_user(p)] for p in prompts], generation=True)
             return list(self.tok(texts, add_special_tokens=False)["input_ids"])
-        from runner.models.chatglm import encode_chatglm3_messages
+        from runner.models.chatglm.tokenizer import encode_chatglm3_messages
 
         return [
             encode_chatglm3_messages(self.tok, [_user(p)], add_generation_prompt=True)
@@ -141,7 +141,7 @@ class Encoder:
     def _chatglm3(
         self, prompts: list[str], responses: list[str]
     ) -> tuple[list[list[int]], list[list[int]]]:
-        from runner.models.chatglm import encode_chatglm3_messages
+        from runner.models.chatglm.tokenizer import encode_chatglm3_messages
 
         p_out, r_out = [], []
         for prompt, response in zip(prompts, responses, strict=True):

@@ -163,7 +163,7 @@ def model_config(recipe: Recipe) -> tuple[Any, str, str]:
     from transformers import AutoConfig
 
     from runner.models import resolve
-    from runner.models.chatglm import chatglm_config_to_glm
+    from runner.models.chatglm.config import chatglm_config_to_glm
 
     ident = resolve.model_identity(recipe)
     remote = bool(recipe.get("model.trust_remote_code"))
@@ -592,7 +592,7 @@ def plan_model(
     )
     as_written = recipe.get("lora.target_modules")
     if naming == "chatglm":
-        from runner.models.chatglm import CHATGLM_TO_GLM_TARGETS
+        from runner.models.chatglm.names import CHATGLM_TO_GLM_TARGETS
 
         # ChatGLM3's own names, in its layer order
         written = [c for c, glm in CHATGLM_TO_GLM_TARGETS.items() if set(glm) & set(targets)]

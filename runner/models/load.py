@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RecipeError
-from runner.models.chatglm import (
+from runner.models.chatglm.names import (
     CHATGLM_TO_GLM_TARGETS,
     GLM_TO_CHATGLM_TARGETS,
     translate_target_modules_to_chatglm,
@@ -175,7 +175,7 @@ def module_names(model: Any, naming: str = "native") -> list[str]:
 def resolve_modules_to_save(recipe: Recipe, model: Any, naming: str = "native") -> list[str] | None:
     """lora.modules_to_save checked against the model (in ChatGLM3 names for a ChatGLM3 checkpoint)
     and translated to native names."""
-    from runner.models.chatglm import translate_target_modules
+    from runner.models.chatglm.names import translate_target_modules
 
     wanted = recipe.get("lora.modules_to_save")
     if not wanted:

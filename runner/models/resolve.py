@@ -191,7 +191,7 @@ def _convert_chatglm(folder: Path, ident: dict[str, Any], log: Callable[[str], N
     out = converted_folder(ident)
     if (out / "config.json").is_file():
         return out
-    from runner.models.chatglm import convert_checkpoint
+    from runner.models.chatglm.checkpoint import convert_checkpoint
     from runner.state import fresh_tmp_dir, replace_dir
 
     log(f"converting ChatGLM checkpoint {folder} to native GLM in {out} (once; cached)")

@@ -7,8 +7,8 @@ padding mask). It is deliberately independent of transformers' GLM code, so the 
 in :mod:`runner.models.chatglm` is checked against an implementation of the original
 layout rather than against itself.
 
-Unlike :mod:`runner.models.chatglm`, this module imports torch at import time; only tests
-(and debugging sessions) import it.
+A test oracle, so it lives under tests/ and is not in the wheel; it imports torch at import
+time, which nothing under runner/ may.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.models.chatglm import ChatGLMDims
+from runner.models.chatglm.config import ChatGLMDims
 
 __all__ = ["ChatGLMReference"]
 
