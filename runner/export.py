@@ -205,11 +205,17 @@ def chatglm_config(recipe: Recipe) -> dict[str, Any]:
 def export_chatglm_adapter(recipe: Recipe, out: Path, log: Echo) -> Path:
     """The adapter in ChatGLM3's module names, with a README; RecipeError for a model that is
     not ChatGLM3 or an adapter that has no exact ChatGLM3 form (nothing is written then)."""
+    import pickle
+
+    from safetensors import SafetensorError
+
     from runner.models.chatglm.adapters import convert_adapter_dir
 
     src = require_adapter(recipe)
     check_destination(out, recipe)
     config = chatglm_config(recipe)
+    again = f"`recipe run {shown(recipe.path)}` trains it again"
+    weights = _adapter_weights(src, again)
     note = stale_adapter_note(recipe)
     if note:
         log(note)
@@ -220,9 +226,21 @@ def export_chatglm_adapter(recipe: Recipe, out: Path, log: Echo) -> Path:
         convert_adapter_dir(
             src, tmp, to="chatglm", model_config=config, base_model_name_or_path=base
         )
-    except ValueError as e:  # DoRA, fan_in_fan_out, an unknown module: nothing written
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused it: nothing ran
         raise RecipeError(
-            f"{shown(src)}: cannot write this adapter in ChatGLM3 names: {e}"
+            f"{shown(weights)}: not a state dict that loads without running code "
+            f"(torch.load weights_only refused it); {again}"
+        ) from None
+    except SafetensorError as e:
+        raise RecipeError(
+            f"{shown(weights)}: not a readable safetensors file ({e}); {again}"
+        ) from None
+    except (ValueError, TypeError, RuntimeError) as e:
+        # DoRA, fan_in_fan_out, an unknown module, values of the wrong type or shape: nothing
+        # written. The first line only: torch's messages go on for paragraphs.
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise RecipeError(
+            f"{shown(src)}: cannot write this adapter in ChatGLM3 names: {first}"
         ) from None
     written = json.loads((tmp / "adapter_config.json").read_text(encoding="utf-8"))
     targets = written.get("target_modules")
@@ -240,3 +258,23 @@ def export_chatglm_adapter(recipe: Recipe, out: Path, log: Echo) -> Path:
     replace_dir(tmp, final)
     log(f"adapter in ChatGLM3 names exported to {shown(final)}")
     return out
+
+
+def _adapter_weights(src: Path, again: str) -> Path:
+    """The adapter's weight file, after checking that its config is a JSON object: a damaged
+    (or planted) adapter folder gets one line naming the file instead of a traceback."""
+    config_file = src / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{shown(config_file)}: not readable JSON ({e}); {again}") from None
+    if not isinstance(config, dict):
+        raise RecipeError(
+            f"{shown(config_file)}: expected a JSON object, got {type(config).__name__}; {again}"
+        )
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (src / name).is_file():
+            return src / name
+    raise RecipeError(
+        f"{shown(src)}: has no adapter_model.safetensors or adapter_model.bin; {again}"
+    )

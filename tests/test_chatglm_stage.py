@@ -282,3 +282,89 @@ def test_native_names_are_refused_for_a_chatglm_checkpoint(tmp_path: Path, chatg
         "(ChatGLM3 calls it 'dense_h_to_4h'); available: query_key_value, dense, dense_h_to_4h, "
         "dense_4h_to_h"
     ]
+
+
+class _RunsCode:
+    """A pickled object whose loading would create a file: proof of code run by a .bin adapter."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def _plant_adapter(adapter: Path, case: str, marker: Path) -> None:
+    import pickle
+
+    from safetensors.torch import save_file
+
+    lora = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj"]}
+    config = "[1, 2]" if case == "config-not-object" else json.dumps(lora)
+    (adapter / "adapter_config.json").write_text(config, encoding="utf-8")
+    key = "base_model.model.model.layers.0.self_attn.{}_proj.lora_{}.weight"
+    if case == "pickle-runs-code":
+        (adapter / "adapter_model.bin").write_bytes(pickle.dumps({key: _RunsCode(marker)}))
+    elif case == "safetensors-garbage":
+        (adapter / "adapter_model.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"{not json}")
+    elif case == "shapes-disagree":  # q's B has 7 rows where the model has 64
+        tensors = {
+            key.format("q", "A"): torch.zeros(4, 64),
+            key.format("q", "B"): torch.zeros(7, 4),
+            key.format("k", "A"): torch.zeros(3, 64),
+            key.format("k", "B"): torch.zeros(16, 3),
+        }
+        save_file(tensors, str(adapter / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("case", "expect"),
+    [
+        (
+            "pickle-runs-code",
+            "run/adapter/adapter_model.bin: not a state dict that loads without running code "
+            "(torch.load weights_only refused it); `recipe run recipe.toml` trains it again",
+        ),
+        (
+            "no-weights",
+            "run/adapter: has no adapter_model.safetensors or adapter_model.bin; "
+            "`recipe run recipe.toml` trains it again",
+        ),
+        (
+            "config-not-object",
+            "run/adapter/adapter_config.json: expected a JSON object, got list; "
+            "`recipe run recipe.toml` trains it again",
+        ),
+        (
+            "safetensors-garbage",
+            "run/adapter/adapter_model.safetensors: not a readable safetensors file (Error "
+            "while deserializing header: invalid header length); `recipe run recipe.toml` trains "
+            "it again",
+        ),
+        (
+            "shapes-disagree",
+            "run/adapter: cannot write this adapter in ChatGLM3 names: The expanded size of the "
+            "tensor (64) must match the existing size (7) at non-singleton dimension 0.  Target "
+            "sizes: [64, 4].  Tensor sizes: [7, 4]",
+        ),
+    ],
+)
+def test_a_damaged_or_planted_adapter_gets_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, expect: str
+) -> None:
+    """Someone hands over a project with a run in it: `export --chatglm-adapter` reads that
+    adapter folder and must refuse what it cannot convert in one line, running nothing."""
+    model = tmp_path / "glm"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(tiny_chatglm_config()), encoding="utf-8")
+    write_recipe(tmp_path, model, CHATGLM_NAMES)
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    _plant_adapter(adapter, case, marker)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RECIPE_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(cli, ["export", "recipe.toml", "--chatglm-adapter", "out"])
+    assert (result.exit_code, result.output.splitlines()[-1]) == (2, expect)
+    assert "Traceback" not in result.output
+    assert not marker.exists() and not (tmp_path / "out").exists()
