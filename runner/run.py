@@ -46,6 +46,8 @@ def check_ownership(recipe: Recipe, force: bool) -> None:
             owner = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             owner = {}
+        if not isinstance(owner, dict):  # edited by hand: as unreadable
+            owner = {}
         if owner.get("name") != recipe.name and not force:
             raise RecipeError(
                 f"{recipe.run_dir}: holds the runs of recipe {owner.get('name')!r}, "

@@ -238,3 +238,18 @@ def test_read_only_run_dir_with_everything_done_just_reports(
         "to a folder you can write"
     ]
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
+
+
+def test_owner_record_that_is_not_an_object_is_not_a_crash(
+    small_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("runner.stages.format.run", formats)
+    owner = run_dir_of(small_recipe) / "state" / "owner.json"
+    owner.parent.mkdir(parents=True)
+    owner.write_text("[1, 2]\n", encoding="utf-8")
+    result = invoke("run", small_recipe, "--until", "format")
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == (
+        f"{run_dir_of(small_recipe)}: holds the runs of recipe None, not 'small'; set "
+        "recipe.output_dir to another folder, or pass --force to reuse it"
+    )
