@@ -1,9 +1,10 @@
 """The trainer's checkpoints: one attempt folder per train fingerprint, newest valid one wins.
 
 A checkpoint counts only when every file resuming needs is there and readable: trainer_state.json
-parses, optimizer.pt and scheduler.pt are complete torch archives, the adapter weights' safetensors
-header covers the file. The Trainer writes trainer_state.json last, so a checkpoint half-written
-when the process died is skipped in favour of the previous one.
+and adapter_config.json parse, optimizer.pt, scheduler.pt, rng_state*.pth and scaler.pt are
+complete torch archives, the adapter weights' safetensors header covers the file. The Trainer
+writes trainer_state.json last, so a checkpoint half-written when the process died is skipped in
+favour of the previous one.
 
 FSDP's sharded checkpoints (pytorch_model_fsdp_0/, optimizer_0/) are not resumed: measured on an
 H200 (transformers 5.17, accelerate 1.15, peft 0.21), resuming one restored the step, optimizer
@@ -76,10 +77,19 @@ def checkpoint_problem(path: Path) -> str | None:
         return "trainer_state.json unreadable"
     if not isinstance(state, dict) or "global_step" not in state:
         return "trainer_state.json incomplete"
-    for f in (path / "optimizer.pt", path / "scheduler.pt", weights[0]):
+    # every archive the Trainer loads on resume, rng_state*.pth (one per process) and scaler.pt
+    # included: a cut one made every resume fail with an OSError while the plan promised it
+    loaded = [path / "optimizer.pt", path / "scheduler.pt", weights[0]]
+    loaded += sorted(path.glob("rng_state*.pth")) + sorted(path.glob("scaler.pt"))
+    for f in loaded:
         problem = _file_problem(f)
         if problem:
             return problem
+    if (path / "adapter_config.json").is_file():
+        try:
+            json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "adapter_config.json unreadable"
     return None
 
 

@@ -188,6 +188,13 @@ def plan(recipe_file: Path, overrides: tuple[str, ...], model: bool, gpus: int |
     help="Stop after this stage.",
 )
 @gpus_opt
+@click.option(
+    "--traceback",
+    "show_traceback",
+    is_flag=True,
+    help="Let an unexpected error in a stage end with its Python traceback (it is always "
+    "written to logs/<stage>.error.log); also RECIPE_TRACEBACK=1.",
+)
 @reported
 def run(
     recipe_file: Path,
@@ -196,6 +203,7 @@ def run(
     locked: bool,
     until: str | None,
     gpus: int | None,
+    show_traceback: bool,
 ) -> None:
     """Run the stages that are not up to date, then print the before/after table."""
     from runner.run import run_recipe
@@ -203,7 +211,7 @@ def run(
     recipe = _load(recipe_file, with_gpus(overrides, gpus))
     if locked:
         recipe = _locked(recipe, recipe_file)
-    run_recipe(recipe, click.echo, force=force, only=until)
+    run_recipe(recipe, click.echo, force=force, only=until, reraise=show_traceback)
     if until in (None, "compare"):
         _print_compare(recipe.run_dir)
 
@@ -219,13 +227,14 @@ def _locked(recipe: Any, recipe_file: Path) -> Any:
 def _print_compare(run_dir: Path) -> None:
     from runner.plan import state_path
     from runner.report.table import print_table
+    from runner.state import state_metrics
 
     rows_file = run_dir / "compare.jsonl"
     state_file = state_path(run_dir, "compare")
     if not rows_file.is_file() or not state_file.is_file():
         return
     rows = [json.loads(line) for line in rows_file.read_text(encoding="utf-8").splitlines() if line]
-    summary = json.loads(state_file.read_text(encoding="utf-8")).get("metrics", {})
+    summary = state_metrics(state_file)
     print_table(rows, summary)
     click.echo(f"compare table: {run_dir / 'compare.md'}")
     if (run_dir / "report.html").is_file():
@@ -253,8 +262,13 @@ def status(recipe_file: Path, overrides: tuple[str, ...], gpus: int | None) -> N
         )
         if st.reasons:
             click.echo(f"      why: {'; '.join(st.reasons)}")
+        if state.get("error"):
+            click.echo(f"      error: {state['error']}")
         metrics = state.get("metrics") or {}
-        readable = metric_lines(st.name, metrics, state.get("params") or {})
+        try:
+            readable = metric_lines(st.name, metrics, state.get("params") or {})
+        except (TypeError, ValueError, KeyError, AttributeError):
+            readable = None  # hand-edited metrics of the wrong type: shown raw below
         for line in readable or []:
             click.echo(f"      {line}")
         if metrics and readable is None:

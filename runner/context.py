@@ -38,6 +38,10 @@ class Context:
         if not self.is_main:
             return
         self.echo(message)
+        self.record(message)
+
+    def record(self, message: str) -> None:
+        """A line in logs/run.log only (what the CLI prints itself, e.g. a failure)."""
         log = self.run_dir / "logs" / "run.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now().isoformat(timespec="seconds")

@@ -16,7 +16,6 @@ All three are written to a hidden sibling folder and renamed into place.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -42,12 +41,9 @@ def check_destination(out: Path, recipe: Recipe) -> None:
 
 
 def _state_metrics(recipe: Recipe, stage: str) -> dict[str, Any]:
-    try:
-        state = json.loads((recipe.run_dir / "state" / f"{stage}.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    metrics = state.get("metrics") if isinstance(state, dict) else None
-    return metrics if isinstance(metrics, dict) else {}
+    from runner.state import state_metrics
+
+    return state_metrics(recipe.run_dir / "state" / f"{stage}.json")
 
 
 def _is_hub_id(name: str) -> bool:

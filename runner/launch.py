@@ -271,12 +271,9 @@ def run_train(ctx: Context) -> dict[str, Any]:
 def recorded_metrics(ctx: Context) -> dict[str, Any]:
     """What rank 0 recorded in the stage's state file while it ran (last checkpoint step)."""
     from runner.plan import state_path
+    from runner.state import state_metrics
 
-    try:
-        state = json.loads(state_path(ctx.run_dir, "train").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return dict(state.get("metrics") or {})
+    return state_metrics(state_path(ctx.run_dir, "train"))
 
 
 def relay_lines(proc: subprocess.Popen[str], echo: Any) -> None:

@@ -172,22 +172,33 @@ def _flat_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return flatten({k: v for k, v in inputs.items()}) if inputs else {}
 
 
+def _part(stored: dict[str, Any], key: str) -> dict[str, Any]:
+    value = stored.get(key)  # attempt.json is read without read_state's type checks
+    return value if isinstance(value, dict) else {}
+
+
 def explain(stored: dict[str, Any], current: StageStatus) -> list[str]:
     """Why a stage's fingerprint changed, most specific first."""
     reasons = []
-    params = _diff(stored.get("params", {}), current.params)
+    recorded = {k: _part(stored, k) for k in ("params", "inputs", "upstream", "libraries")}
+    params = _diff(recorded["params"], current.params)
     if params:
         reasons.append("changed params: " + ", ".join(params))
-    inputs = _diff(_flat_inputs(stored.get("inputs", {})), _flat_inputs(current.inputs))
+    inputs = _diff(_flat_inputs(recorded["inputs"]), _flat_inputs(current.inputs))
     if inputs:
         reasons.append("changed inputs: " + ", ".join(k.split(" ")[0] for k in inputs))
-    upstream = [u for u, fp in current.upstream.items() if stored.get("upstream", {}).get(u) != fp]
+    upstream = [u for u, fp in current.upstream.items() if recorded["upstream"].get(u) != fp]
     if upstream:
         reasons.append("upstream changed: " + ", ".join(upstream))
-    libs = _diff(stored.get("libraries", {}), current.libraries)
+    libs = _diff(recorded["libraries"], current.libraries)
     if libs:
         reasons.append("library versions changed: " + ", ".join(libs))
-    return reasons or ["fingerprint changed (runner version)"]
+    if reasons:
+        return reasons
+    if fingerprint({"stage": current.name, **recorded}) != stored.get("fingerprint"):
+        # what the file says it read gives today's fingerprint, not the one stored with it
+        return ["stored fingerprint does not match its recorded params (state edited?)"]
+    return ["fingerprint changed (runner version)"]
 
 
 def state_path(run_dir: Path, stage: str) -> Path:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import importlib
+import os
 import signal
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +46,8 @@ def check_ownership(recipe: Recipe, force: bool) -> None:
             owner = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             owner = {}
+        if not isinstance(owner, dict):  # edited by hand: as unreadable
+            owner = {}
         if owner.get("name") != recipe.name and not force:
             raise RecipeError(
                 f"{recipe.run_dir}: holds the runs of recipe {owner.get('name')!r}, "
@@ -76,7 +81,33 @@ def _record_end(path: Path, state: dict[str, Any]) -> None:
         write_json_atomic(path, state)
 
 
-def run_stage(ctx: Context, st: StageStatus) -> dict[str, Any]:
+def _record_line(ctx: Context, line: str) -> None:
+    """A line the CLI prints itself (a failure) also goes to logs/run.log; best effort."""
+    with contextlib.suppress(OSError):
+        ctx.record(line)
+
+
+def error_log(run_dir: Path, stage: str) -> Path:
+    return run_dir / "logs" / f"{stage}.error.log"
+
+
+def _keep_traceback(ctx: Context, stage: str, reason: str) -> Path | None:
+    """The traceback of an unexpected error, for the person who reports it; best effort."""
+    path = error_log(ctx.run_dir, stage)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{_now()} {stage}: {reason}\n{traceback.format_exc()}", encoding="utf-8")
+    except OSError:
+        return None
+    return path
+
+
+def wants_traceback(flag: bool = False) -> bool:
+    """`recipe run --traceback` or RECIPE_TRACEBACK=1: unexpected errors are re-raised."""
+    return flag or os.environ.get("RECIPE_TRACEBACK", "").lower() in ("1", "true", "yes")
+
+
+def run_stage(ctx: Context, st: StageStatus, *, reraise: bool = False) -> dict[str, Any]:
     state = new_state(st.name) | {
         "status": "running",
         **st.identity(),
@@ -87,6 +118,8 @@ def run_stage(ctx: Context, st: StageStatus) -> dict[str, Any]:
     }
     path = state_path(ctx.run_dir, st.name)
     write_json_atomic(path, state)
+    with contextlib.suppress(OSError):  # an earlier failure's traceback would mislead
+        error_log(ctx.run_dir, st.name).unlink()
 
     def progress(metrics: dict[str, Any]) -> None:
         state["metrics"] = {**state["metrics"], **metrics}
@@ -104,20 +137,29 @@ def run_stage(ctx: Context, st: StageStatus) -> dict[str, Any]:
         state.update(status="interrupted", ended=_now())
         _record_end(path, state)
         raise Interrupted(st.name) from None
-    except (RecipeError, StageError):
-        state.update(status="failed", ended=_now())
+    except (RecipeError, StageError) as e:
+        reason = e.message if isinstance(e, StageError) else "; ".join(e.lines)
+        state.update(status="failed", ended=_now(), error=reason)
         _record_end(path, state)
         raise
     except Exception as e:
-        state.update(status="failed", ended=_now())
-        _record_end(path, state)
         if is_disk_full(e):
-            raise StageError(
-                st.name,
+            reason = (
                 f"disk full while writing {getattr(e, 'filename', None) or ctx.run_dir}; "
-                "free space and run again (finished stages are kept)",
-            ) from e
-        raise StageError(st.name, f"{type(e).__name__}: {e}".splitlines()[0]) from e
+                "free space and run again (finished stages are kept)"
+            )
+            state.update(status="failed", ended=_now(), error=reason)
+            _record_end(path, state)
+            raise StageError(st.name, reason) from e
+        reason = (f"{type(e).__name__}: {e}".splitlines() or [type(e).__name__])[0]
+        log = _keep_traceback(ctx, st.name, reason)
+        where = f"traceback in {log}" if log else "rerun with --traceback to see where it happened"
+        state.update(status="failed", ended=_now(), error=reason)
+        _record_end(path, state)
+        if wants_traceback(reraise):
+            _record_line(ctx, f"error: stage {st.name} failed: {reason} ({where})")
+            raise
+        raise StageError(st.name, f"{reason} ({where})") from e
     outputs = []
     elsewhere = st.name == "train" and ctx.recipe.get("launch.machine_rank") > 0  # on machine 0
     for rel in () if elsewhere else st.stage.outputs:
@@ -140,12 +182,53 @@ def run_stage(ctx: Context, st: StageStatus) -> dict[str, Any]:
     return state
 
 
-def run_recipe(
-    recipe: Recipe, echo: Callable[[str], None], *, force: bool = False, only: str | None = None
+def _unwritable(run_dir: Path) -> str | None:
+    """Why the run directory cannot be written (read-only, not ours), or None."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return e.strerror or type(e).__name__
+        raise
+    return None
+
+
+def _read_only_run(
+    recipe: Recipe, echo: Callable[[str], None], only: str | None, why: str
 ) -> list[dict[str, Any]]:
-    """Run what is not done; return the states of the stages that ran."""
+    """A finished run in a folder we may not write (a shared, read-only copy): report it;
+    anything left to do cannot be done there, so say which folder and what to do."""
+    plan = compute_plan(recipe)
+    wanted = plan if only is None else plan[: STAGE_NAMES.index(only) + 1]
+    todo = [st.name for st in wanted if st.status != "done"]
+    if todo:
+        raise RecipeError(
+            f"{recipe.run_dir}: cannot write the run directory ({why}) and "
+            f"{', '.join(todo)} must run; make it writable or set recipe.output_dir "
+            "(e.g. --set recipe.output_dir=runs/mine) to a folder you can write"
+        )
+    for st in wanted:
+        echo(f"{st.name}: skipped (up to date)")
+    echo(f"{recipe.run_dir}: read-only ({why}); every stage is done, nothing to write")
+    return []
+
+
+def run_recipe(
+    recipe: Recipe,
+    echo: Callable[[str], None],
+    *,
+    force: bool = False,
+    only: str | None = None,
+    reraise: bool = False,
+) -> list[dict[str, Any]]:
+    """Run what is not done; return the states of the stages that ran. `reraise`: unexpected
+    errors in a stage propagate with their traceback (after it is logged and recorded)."""
     run_dir = recipe.run_dir
     ran: list[dict[str, Any]] = []
+    why = _unwritable(run_dir)
+    if why is not None:
+        return _read_only_run(recipe, echo, only, why)
     if (
         recipe.get("launch.machine_rank") > 0
         and only not in STAGE_NAMES[: STAGE_NAMES.index("train")]
@@ -178,11 +261,16 @@ def run_recipe(
             )
             ctx.log(f"{st.name}: running ({'; '.join(reasons)})")
             try:
-                state = run_stage(ctx, st)
-            except StageError:
+                state = run_stage(ctx, st, reraise=reraise)
+            except StageError as e:
                 rest = [s.name for s in plan[plan.index(st) + 1 :]]
                 if rest:
-                    echo(f"skipped after the failure: {', '.join(rest)}")
+                    ctx.log(f"skipped after the failure: {', '.join(rest)}")
+                _record_line(ctx, f"error: stage {e.stage} failed: {e.message}")  # as the CLI
+                raise
+            except RecipeError as e:
+                for line in e.lines:
+                    _record_line(ctx, line)
                 raise
             ctx.log(f"{st.name}: done in {state['metrics']['seconds']} s")
             ran.append(state)

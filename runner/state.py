@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +34,69 @@ STATE_KEYS = {
 }
 
 
+STATUSES = ("running", "done", "failed", "interrupted")
+# What each field must hold for the plan, `recipe status` and the stages to use it without
+# checking again; a state file is hand-editable JSON, so "parses" is not enough.
+_STR, _OPT_STR, _DICT = (str,), (str, type(None)), (dict,)
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "schema_version": (int,),
+    "runner_version": _STR,
+    "stage": _STR,
+    "status": _STR,
+    "fingerprint": _STR,
+    "params": _DICT,
+    "inputs": _DICT,
+    "outputs": (list,),
+    "upstream": _DICT,
+    "libraries": _DICT,
+    "started": _OPT_STR,
+    "ended": _OPT_STR,
+    "metrics": _DICT,
+    "error": _OPT_STR,  # optional: the one-line reason of a failed run
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list"}
+
+
 class CorruptState(Exception):
     """A state file exists but cannot be trusted."""
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def state_problem(state: dict[str, Any], stage: str) -> str | None:
+    """What makes a parsed state file unusable, or None."""
+    for key, types in FIELD_TYPES.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            wanted = " or ".join("null" if t is type(None) else _TYPE_NAMES[t] for t in types)
+            return f"{key} is {_type_name(value)}, expected {wanted}"
+    if state["status"] not in STATUSES:
+        return f"status {state['status']!r} is not one of {', '.join(STATUSES)}"
+    if not re.fullmatch(r"[0-9a-f]{1,64}", state["fingerprint"]):
+        # it names the checkpoint attempt folder: never a path
+        return f"fingerprint {state['fingerprint'][:40]!r} is not a hex digest"
+    if state["stage"] != stage:
+        return f"stage {state['stage']!r} in the file of stage {stage!r}"
+    for name, value in (*state["upstream"].items(), *state["libraries"].items()):
+        if not isinstance(value, str):
+            return f"upstream/libraries entry {name} is {_type_name(value)}, expected a string"
+    for i, out in enumerate(state["outputs"]):
+        if not (
+            isinstance(out, dict)
+            and isinstance(out.get("path"), str)
+            and isinstance(out.get("size"), int)
+            and not isinstance(out.get("size"), bool)
+        ):
+            return f"outputs[{i}] is not {{path, sha256, size}}"
+    return None
 
 
 def canonical(obj: Any) -> str:
@@ -111,11 +173,24 @@ def read_state(path: Path) -> dict[str, Any] | None:
     if not isinstance(state, dict) or not set(state) >= STATE_KEYS:
         missing = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else ["everything"]
         raise CorruptState(f"{path}: missing {', '.join(missing)}; it will be rewritten")
+    problem = state_problem(state, path.stem)
+    if problem:
+        raise CorruptState(f"{path}: {problem}; it will be rewritten")
     if state["schema_version"] != STATE_VERSION:
         raise CorruptState(
             f"{path}: state version {state['schema_version']}, expected {STATE_VERSION}"
         )
     return state
+
+
+def state_metrics(path: Path) -> dict[str, Any]:
+    """The metrics of a stage's state file; {} when it is absent or cannot be trusted (readers
+    that only show or sum metrics must not crash on a hand-edited file)."""
+    try:
+        state = read_state(path)
+    except CorruptState:
+        return {}
+    return dict(state["metrics"]) if state else {}
 
 
 def new_state(stage: str) -> dict[str, Any]:

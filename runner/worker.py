@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RecipeError, StageError
-from runner.state import write_json_atomic
+from runner.state import CorruptState, read_state, write_json_atomic
 
 
 def rank_info() -> tuple[int, int]:
@@ -32,8 +32,10 @@ def state_progress(state_file: Path) -> Any:
 
     def progress(metrics: dict[str, Any]) -> None:
         try:
-            state = json.loads(state_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            state = read_state(state_file)
+        except CorruptState:
+            return
+        if state is None:
             return
         state["metrics"] = {**state.get("metrics", {}), **metrics}
         write_json_atomic(state_file, state)

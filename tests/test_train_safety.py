@@ -42,11 +42,12 @@ def fake_checkpoint(folder: Path, step: int) -> Path:
     np = pytest.importorskip("numpy")
     path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"):
         with zipfile.ZipFile(path / name, "w") as z:
             z.writestr("archive/data.pkl", b"x" * 64)
     save_file({"w": np.ones((4, 4), dtype=np.float32)}, str(path / "adapter_model.safetensors"))
     (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (path / "adapter_config.json").write_text(json.dumps({"r": 8}))
     return path
 
 
@@ -76,6 +77,16 @@ def test_complete_checkpoint_is_valid(tmp_path: Path) -> None:
             "adapter_model.safetensors truncated or not safetensors",
         ),
         (lambda p: (p / "adapter_model.safetensors").unlink(), "no weights"),
+        (lambda p: cut(p / "rng_state.pth"), "rng_state.pth truncated or not a torch archive"),
+        (
+            lambda p: (p / "rng_state.pth").write_bytes(b"\0" * 40),
+            "rng_state.pth truncated or not a torch archive",
+        ),
+        (lambda p: cut(p / "scaler.pt"), "scaler.pt truncated or not a torch archive"),
+        (
+            lambda p: (p / "adapter_config.json").write_text('{"r": 8,'),
+            "adapter_config.json unreadable",
+        ),
     ],
 )
 def test_damaged_checkpoint_is_named(tmp_path: Path, damage, problem: str) -> None:  # type: ignore[no-untyped-def]
@@ -231,6 +242,44 @@ def test_plan_names_the_checkpoint_on_disk(small_recipe: Path) -> None:
     _, st = _train_status(small_recipe)
     assert st.status == "pending"
     assert st.reasons == ["last run did not finish; resumes from checkpoint 8"]
+
+
+def test_cut_rng_state_plan_and_run_agree_on_the_previous_checkpoint(small_recipe: Path) -> None:
+    """A truncated rng_state.pth made every resume fail with OSError while the plan promised
+    to resume from it: now the checkpoint is invalid for both, and the previous one is used."""
+    from runner.plan import state_path
+    from runner.stages.train import start_attempt
+    from runner.state import new_state, write_json_atomic
+
+    recipe, st = _train_status(small_recipe)
+    folder = attempt_dir(recipe.run_dir, st.fingerprint)
+    fake_checkpoint(folder, 4)
+    cut(fake_checkpoint(folder, 8) / "rng_state.pth")
+    (fake_checkpoint(folder, 12) / "rng_state_1.pth").write_bytes(b"PK\x03\x04cut")
+    write_json_atomic(
+        state_path(recipe.run_dir, "train"),
+        new_state("train")
+        | {
+            "status": "interrupted",
+            **st.identity(),
+            "started": "t",
+            "ended": None,
+            "metrics": {"last_checkpoint_step": 12},
+            "outputs": [],
+        },
+    )
+    _, st = _train_status(small_recipe)
+    assert st.reasons == ["last run interrupted; resumes from checkpoint 4"]
+
+    lines: list[str] = []
+    ctx = Context(recipe=recipe, run_dir=recipe.run_dir, echo=lines.append, status=st)
+    assert start_attempt(ctx, folder) == folder / "checkpoint-4"
+    assert lines == [
+        "train: checkpoint 12 skipped: rng_state_1.pth truncated or not a torch archive",
+        "train: checkpoint 8 skipped: rng_state.pth truncated or not a torch archive",
+        f"train: resumed from checkpoint 4 ({folder / 'checkpoint-4'})",
+    ]
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-4"]
 
 
 # ------------------------------------------------------------------------------ the run lock

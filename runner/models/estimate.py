@@ -45,6 +45,7 @@ from runner.data.collate import pad_multiple
 from runner.errors import RecipeError
 from runner.models.chunked_loss import chunk_tokens, chunking_wanted, is_chunked
 from runner.recipe import Recipe
+from runner.state import state_metrics
 
 GiB = float(2**30)
 _PAGED_MIN = 100_000  # bitsandbytes pages state buffers from this many elements on (GPU only)
@@ -199,20 +200,25 @@ def model_config(recipe: Recipe) -> tuple[Any, str, str]:
         if (converted / "config.json").is_file():
             return AutoConfig.from_pretrained(converted), "chatglm", f"{converted}/config.json"
         config_file = _hub_config(recipe, ident)
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    where = f"{recipe.origin('model.name_or_path')}: $.model.name_or_path"
+    if not config_file.is_file():
         raise RecipeError(
-            f"{recipe.origin('model.name_or_path')}: $.model.name_or_path: cannot read "
-            f"{config_file}: {e}"
-        ) from None
+            f"{where}: {config_file.parent} has no config.json; the model plan needs the "
+            "model's config.json (copy it into the folder)"
+        )
+    resolve.check_model_folder(recipe, config_file.parent)
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
     if resolve.is_chatglm_folder(config_file.parent) and not recipe.get("model.random_init"):
         return chatglm_config_to_glm(raw), "chatglm", f"{config_file} (ChatGLM3, as native GLM)"
-    return (
-        AutoConfig.from_pretrained(config_file.parent, trust_remote_code=remote),
-        "native",
-        str(config_file),
-    )
+    try:
+        config = AutoConfig.from_pretrained(config_file.parent, trust_remote_code=remote)
+    except (OSError, ValueError, KeyError) as e:  # unknown model_type, bad values
+        raise RecipeError(
+            f"{where}: {config_file}: transformers cannot use it: "
+            f"{(str(e).splitlines() or [type(e).__name__])[0]}; restore the model's original "
+            "config.json, or upgrade transformers for a newer model type"
+        ) from None
+    return config, "native", str(config_file)
 
 
 def _hub_config(recipe: Recipe, ident: dict[str, Any]) -> Path:
@@ -271,9 +277,9 @@ def tokens_for(recipe: Recipe, cuda: bool) -> Tokens:
     max_length = int(recipe.get("tokenize.max_length"))
     lengths: dict[str, Any] = {}
     try:
-        state = json.loads((recipe.run_dir / "state" / "tokenize.json").read_text(encoding="utf-8"))
-        lengths = ((state.get("metrics") or {}).get("train") or {}).get("length") or {}
-    except (OSError, ValueError, AttributeError):
+        metrics = state_metrics(recipe.run_dir / "state" / "tokenize.json")
+        lengths = (metrics.get("train") or {}).get("length") or {}
+    except AttributeError:
         lengths = {}
     if lengths.get("max"):
         peak, typical = int(lengths["max"]), int(lengths.get("p50") or lengths["max"])

@@ -62,7 +62,19 @@ def quantization_config(recipe: Recipe) -> Any:
 def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    from runner.models.resolve import tokenizer_problem
+
+    problem = tokenizer_problem(folder)
+    if problem:
+        raise RecipeError(problem)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:  # missing or mismatched tokenizer files
+        raise RecipeError(
+            f"{folder}: cannot load the tokenizer: "
+            f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}; the folder needs the "
+            "model's tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)"
+        ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
@@ -74,6 +86,11 @@ def load_base(recipe: Recipe, folder: Path, *, quantize: bool = True) -> Any:
     import transformers
     from transformers import AutoModelForCausalLM
 
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise RecipeError(
+            f"{folder}: no config.json; loading the model needs it next to the weights "
+            "(copy the model's config.json into the folder)"
+        )
     transformers.logging.set_verbosity_error()
     if not sys.stderr.isatty():  # "Loading weights" bars are noise in logs and captured output
         transformers.logging.disable_progress_bar()

@@ -106,8 +106,54 @@ def is_chatglm_folder(folder: Path) -> bool:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    if not isinstance(config, dict):
+        return False
     archs = config.get("architectures") or []
     return config.get("model_type") == "chatglm" or any("ChatGLM" in a for a in archs)
+
+
+# AutoTokenizer needs one of these (the rest of TOKENIZER_FILES only configure it)
+TOKENIZER_VOCAB = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def config_problem(config_file: Path) -> str | None:
+    """Why a model's config.json cannot be used, or None (also when there is none)."""
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return f"not valid JSON (line {e.lineno}, column {e.colno})"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if not isinstance(raw, dict):
+        return f"holds a JSON {type(raw).__name__}, not an object"
+    if not isinstance(raw.get("model_type"), str):
+        return "has no model_type"
+    return None
+
+
+def check_model_folder(recipe: Recipe, folder: Path) -> None:
+    """One line naming the file and the fix for a corrupt config.json, which transformers
+    reports with a traceback (or which makes a ChatGLM checkpoint look like another model)."""
+    problem = config_problem(folder / "config.json")
+    if problem:
+        raise RecipeError(
+            f"{recipe.origin('model.name_or_path')}: $.model.name_or_path: "
+            f"{folder / 'config.json'}: {problem}; restore the model's original config.json "
+            "(copy or download it again)"
+        )
+
+
+def tokenizer_problem(folder: Path) -> str | None:
+    if not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_VOCAB):
+        return None
+    return (
+        f"{folder}: no tokenizer files ({', '.join(TOKENIZER_VOCAB)}); copy the model's "
+        "tokenizer into the folder (tokenizer.save_pretrained(folder))"
+    )
 
 
 def materialize(recipe: Recipe, log: Callable[[str], None]) -> Path:
@@ -119,6 +165,7 @@ def materialize(recipe: Recipe, log: Callable[[str], None]) -> Path:
         folder = recipe.resolve(recipe.get("model.name_or_path"))
     else:
         folder = _download(recipe, ident)
+    check_model_folder(recipe, folder)
     if recipe.get("model.random_init"):
         return _random_weights(folder, ident, log)
     if is_chatglm_folder(folder):

@@ -142,6 +142,8 @@ def cross_field_errors(
                 f'[model.tiny] only applies to name_or_path = "{BUILTIN_TINY}"; remove it',
             )
         )
+    if model["name_or_path"] == BUILTIN_TINY:
+        errors.extend(tiny_shape_errors(model["tiny"]))
     template = written.get("template", {})
     for part in ("prompt", "response"):
         given = [k for k in (part, f"{part}_file") if k in template]
@@ -180,6 +182,29 @@ def cross_field_errors(
             )
         )
     errors.extend(launch_errors(data))
+    return errors
+
+
+def tiny_shape_errors(tiny: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """Head counts the tiny model cannot be built with (transformers fails deep in a stage)."""
+    errors: list[tuple[tuple[str, ...], str]] = []
+    hidden, heads, kv = tiny["hidden_size"], tiny["num_heads"], tiny["num_kv_heads"]
+    if hidden % heads:
+        errors.append(
+            (
+                ("model", "tiny", "num_heads"),
+                f"hidden_size {hidden} is not a multiple of num_heads {heads}; "
+                "choose num_heads that divides it (e.g. 8)",
+            )
+        )
+    if heads % kv:
+        errors.append(
+            (
+                ("model", "tiny", "num_kv_heads"),
+                f"num_heads {heads} is not a multiple of num_kv_heads {kv}; "
+                "choose num_kv_heads that divides it (e.g. 1 or 2)",
+            )
+        )
     return errors
 
 

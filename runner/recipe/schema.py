@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,10 @@ def subschema(path: tuple[str, ...]) -> dict[str, Any] | None:
 
 
 def _unknown_key_messages(error: ValidationError) -> list[tuple[tuple[str | int, ...], str]]:
-    allowed = sorted(error.schema.get("properties", {}))
-    extra = sorted(set(error.instance) - set(allowed))
+    schema: Any = error.schema
+    instance: Any = error.instance
+    allowed = sorted(schema.get("properties", {}))
+    extra = sorted(set(instance) - set(allowed))
     found = []
     for key in extra:
         close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
@@ -56,25 +59,86 @@ def _message(error: ValidationError) -> str:
     if error.validator == "anyOf" and error.context:
         # The branch whose type the value has says what is wrong with it (0 for "integer >= 1
         # or 'auto'" is below the minimum, not "not 'auto'").
-        mistyped = {e.schema_path[0] for e in error.context if e.validator == "type"}
-        typed = [e for e in error.context if e.schema_path[0] not in mistyped]
-        not_type = [e for e in error.context if e.validator != "type"]
-        best = best_match(typed or not_type or error.context)
+        context: Any = error.context
+        mistyped = {e.schema_path[0] for e in context if e.validator == "type"}
+        typed = [e for e in context if e.schema_path[0] not in mistyped]
+        not_type = [e for e in context if e.validator != "type"]
+        best = best_match(typed or not_type or context)
+        branches: Any = error.validator_value
         options = " or ".join(
             str(s.get("type") if "enum" not in s else " | ".join(map(repr, s["enum"])))
-            for s in error.validator_value
+            for s in branches
         )
         return f"{_message(best)} (expected {options})"
+    if error.validator == "type" and isinstance(error.instance, bool):
+        # TOML booleans are lowercase; Python's "True is not of type 'integer'" reads as a typo
+        wanted: Any = error.validator_value
+        types = [wanted] if isinstance(wanted, str) else list(wanted)
+        if not {"integer", "number"} & set(types):
+            return f"{str(error.instance).lower()} is a boolean, not {' or '.join(types)}"
+        return (
+            f"{str(error.instance).lower()} is a boolean, not {' or '.join(types)}; "
+            f"write a number{_example(tuple(error.absolute_path))}"
+        )
     if error.validator == "enum":
-        return f"{error.instance!r} is not one of {', '.join(map(repr, error.validator_value))}"
+        allowed: Any = error.validator_value
+        return f"{error.instance!r} is not one of {', '.join(map(repr, allowed))}"
     return error.message
+
+
+# torch, numpy and the Trainer keep counts and seeds in 64-bit integers; TOML and --set parse
+# any size, and a bigger one fails deep inside a stage with OverflowError.
+INT64_MAX = 2**63 - 1
+
+
+def _example(path: tuple[str | int, ...]) -> str:
+    keys = tuple(p for p in path if isinstance(p, str))
+    sub = subschema(keys) if len(keys) == len(path) else None
+    default = sub.get("default") if sub is not None else None
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return f", e.g. the default {default}"
+    return ""
+
+
+Found = list[tuple[tuple[str | int, ...], str]]
+
+
+def number_errors(value: Any, path: tuple[str | int, ...] = ()) -> Found:
+    """NaN, infinities and integers beyond 64 bits, anywhere in the recipe. JSON Schema cannot
+    say "finite": nan compares false with every bound, so `learning_rate = nan` passes
+    `exclusiveMinimum: 0` and fails at train instead."""
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in number_errors(v, (*path, k))]
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in number_errors(v, (*path, i))]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [
+            (
+                path,
+                f"{value} is not a finite number (NaN and infinity are refused); "
+                f"write a number{_example(path)}",
+            )
+        ]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        return [
+            (
+                path,
+                f"{value} does not fit in 64 bits; write a smaller number{_example(path)}",
+            )
+        ]
+    return []
 
 
 def schema_errors(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
     """(path, message) for every schema violation, sorted by path."""
     validator = Draft202012Validator(load_schema())
-    found: list[tuple[tuple[str | int, ...], str]] = []
+    found = number_errors(data)
+    # one message per key: the schema's own complaint about a NaN ("nan is not of type
+    # 'string'") says less than ours
+    bad_numbers = {path for path, _ in found}
     for error in validator.iter_errors(data):
+        if tuple(error.absolute_path) in bad_numbers:
+            continue
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
             found.extend(_unknown_key_messages(error))
         else:

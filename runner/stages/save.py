@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from typing import Any
 
 from runner.context import Context
 from runner.plan import STAGE_NAMES, state_path
-from runner.state import fresh_tmp_dir, replace_dir, write_json_atomic
+from runner.state import fresh_tmp_dir, replace_dir, state_metrics, write_json_atomic
 
 
 def collected_metrics(ctx: Context) -> dict[str, Any]:
@@ -16,8 +15,7 @@ def collected_metrics(ctx: Context) -> dict[str, Any]:
     for name in STAGE_NAMES:
         path = state_path(ctx.run_dir, name)
         if path.is_file():
-            state = json.loads(path.read_text(encoding="utf-8"))
-            out[name] = state.get("metrics", {})
+            out[name] = state_metrics(path)
     return out
 
 
