@@ -69,6 +69,16 @@ set_opt = click.option(
     help="Override a recipe key, e.g. --set lora.r=16 (repeatable).",
 )
 
+allow_opt = click.option(
+    "--allow-path",
+    "allow",
+    multiple=True,
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Let the recipe read (and write its run directory) in DIR, outside its root: the git "
+    "work tree holding it, or its folder (repeatable; also RECIPE_ALLOW_PATHS).",
+)
+
 
 gpus_opt = click.option(
     "--gpus",
@@ -84,10 +94,10 @@ def with_gpus(overrides: tuple[str, ...], gpus: int | None) -> tuple[str, ...]:
     return overrides if gpus is None else (*overrides, f"launch.num_processes={gpus}")
 
 
-def _load(recipe_file: Path, overrides: tuple[str, ...]) -> Any:
+def _load(recipe_file: Path, overrides: tuple[str, ...], allow: tuple[Path, ...] = ()) -> Any:
     from runner.recipe import load_recipe
 
-    return load_recipe(recipe_file, overrides)
+    return load_recipe(recipe_file, overrides, allow)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,6 +116,7 @@ def cli() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
 )
 @set_opt
+@allow_opt
 @click.option(
     "--format",
     "fmt",
@@ -115,13 +126,15 @@ def cli() -> None:
     help="json: a list of {file, line, path, message} on stdout, for CI systems.",
 )
 @reported
-def validate(recipe_files: tuple[Path, ...], overrides: tuple[str, ...], fmt: str) -> None:
+def validate(
+    recipe_files: tuple[Path, ...], overrides: tuple[str, ...], allow: tuple[Path, ...], fmt: str
+) -> None:
     """Check recipes against the schema; print every problem as FILE:LINE: $.key: message.
     Exits 2 when any recipe is invalid, so it works as a pre-commit hook."""
     if fmt == "json":
         from runner.recipe.load import validation_report
 
-        found = validation_report(recipe_files, overrides)
+        found = validation_report(recipe_files, overrides, allow)
         click.echo(json.dumps(found, indent=2, ensure_ascii=False))
         if found:
             click.get_current_context().exit(2)
@@ -129,7 +142,7 @@ def validate(recipe_files: tuple[Path, ...], overrides: tuple[str, ...], fmt: st
     problems: list[str] = []
     for f in recipe_files:
         try:
-            _load(f, overrides)
+            _load(f, overrides, allow)
             click.echo(f"{f}: ok")
         except RecipeError as e:
             problems.extend(e.lines)
@@ -140,6 +153,7 @@ def validate(recipe_files: tuple[Path, ...], overrides: tuple[str, ...], fmt: st
 @cli.command()
 @recipe_arg
 @set_opt
+@allow_opt
 @click.option(
     "--model",
     "model",
@@ -149,12 +163,18 @@ def validate(recipe_files: tuple[Path, ...], overrides: tuple[str, ...], fmt: st
 )
 @gpus_opt
 @reported
-def plan(recipe_file: Path, overrides: tuple[str, ...], model: bool, gpus: int | None) -> None:
+def plan(
+    recipe_file: Path,
+    overrides: tuple[str, ...],
+    allow: tuple[Path, ...],
+    model: bool,
+    gpus: int | None,
+) -> None:
     """Show each stage as done, stale (why) or pending, without running anything."""
     from runner.models.resolve import remote_code_note
     from runner.plan import compute_plan
 
-    recipe = _load(recipe_file, with_gpus(overrides, gpus))
+    recipe = _load(recipe_file, with_gpus(overrides, gpus), allow)
     click.echo(f"recipe {recipe.name}: run dir {recipe.run_dir}")
     for st in compute_plan(recipe):
         why = f" ({'; '.join(st.reasons)})" if st.reasons else ""
@@ -174,6 +194,7 @@ def plan(recipe_file: Path, overrides: tuple[str, ...], model: bool, gpus: int |
 @cli.command()
 @recipe_arg
 @set_opt
+@allow_opt
 @click.option("--force", is_flag=True, help="Reuse a run directory that belongs to another recipe.")
 @click.option(
     "--locked",
@@ -199,6 +220,7 @@ def plan(recipe_file: Path, overrides: tuple[str, ...], model: bool, gpus: int |
 def run(
     recipe_file: Path,
     overrides: tuple[str, ...],
+    allow: tuple[Path, ...],
     force: bool,
     locked: bool,
     until: str | None,
@@ -208,7 +230,7 @@ def run(
     """Run the stages that are not up to date, then print the before/after table."""
     from runner.run import run_recipe
 
-    recipe = _load(recipe_file, with_gpus(overrides, gpus))
+    recipe = _load(recipe_file, with_gpus(overrides, gpus), allow)
     if locked:
         recipe = _locked(recipe, recipe_file)
     run_recipe(recipe, click.echo, force=force, only=until, reraise=show_traceback)
@@ -244,14 +266,17 @@ def _print_compare(run_dir: Path) -> None:
 @cli.command()
 @recipe_arg
 @set_opt
+@allow_opt
 @gpus_opt
 @reported
-def status(recipe_file: Path, overrides: tuple[str, ...], gpus: int | None) -> None:
+def status(
+    recipe_file: Path, overrides: tuple[str, ...], allow: tuple[Path, ...], gpus: int | None
+) -> None:
     """What ran, when, with which fingerprint, and its metrics."""
     from runner.plan import compute_plan
     from runner.report.data_metrics import metric_lines
 
-    recipe = _load(recipe_file, with_gpus(overrides, gpus))
+    recipe = _load(recipe_file, with_gpus(overrides, gpus), allow)
     click.echo(f"recipe {recipe.name}: run dir {recipe.run_dir}")
     for st in compute_plan(recipe):
         state = st.state or {}
@@ -280,6 +305,7 @@ def status(recipe_file: Path, overrides: tuple[str, ...], gpus: int | None) -> N
 @cli.command()
 @recipe_arg
 @set_opt
+@allow_opt
 @click.option(
     "-n",
     "--examples",
@@ -305,13 +331,18 @@ def status(recipe_file: Path, overrides: tuple[str, ...], gpus: int | None) -> N
 )
 @reported
 def inspect(
-    recipe_file: Path, overrides: tuple[str, ...], n: int, lint_rows: int, plain: bool
+    recipe_file: Path,
+    overrides: tuple[str, ...],
+    allow: tuple[Path, ...],
+    n: int,
+    lint_rows: int,
+    plain: bool,
 ) -> None:
     """Show rendered examples, which tokens are trained and which masked, and data warnings;
     runs nothing and writes nothing into the run directory."""
     from runner.data.inspection import inspect_recipe
 
-    recipe = _load(recipe_file, overrides)
+    recipe = _load(recipe_file, overrides, allow)
     plain = plain or not sys.stdout.isatty()
     inspect_recipe(recipe, n=n, lint_rows=lint_rows, plain=plain, echo=click.echo)
 
@@ -327,21 +358,23 @@ def schema() -> None:
 @cli.command()
 @recipe_arg
 @set_opt
+@allow_opt
 @reported
-def show(recipe_file: Path, overrides: tuple[str, ...]) -> None:
+def show(recipe_file: Path, overrides: tuple[str, ...], allow: tuple[Path, ...]) -> None:
     """Print the fully resolved recipe (extends, defaults and --set applied) as TOML."""
-    click.echo(_load(recipe_file, overrides).to_toml(), nl=False)
+    click.echo(_load(recipe_file, overrides, allow).to_toml(), nl=False)
 
 
 @cli.command()
 @recipe_arg
+@allow_opt
 @reported
-def lock(recipe_file: Path) -> None:
+def lock(recipe_file: Path, allow: tuple[Path, ...]) -> None:
     """Write RECIPE.lock: model and data commits or hashes, template hashes, library versions.
     Resolving a hub revision to a commit needs the network."""
     from runner.recipe.lockfile import write_lock
 
-    click.echo(f"wrote {write_lock(_load(recipe_file, ()), recipe_file)}")
+    click.echo(f"wrote {write_lock(_load(recipe_file, (), allow), recipe_file)}")
 
 
 @cli.command()
@@ -416,6 +449,7 @@ max_new_opt = click.option(
 @base_opt
 @max_new_opt
 @set_opt
+@allow_opt
 @reported
 def generate(
     recipe_file: Path,
@@ -424,6 +458,7 @@ def generate(
     base: bool,
     max_new_tokens: int | None,
     overrides: tuple[str, ...],
+    allow: tuple[Path, ...],
 ) -> None:
     """Generate from one prompt with the fine-tuned model (decoding as in [compare])."""
     from runner.use import open_session, prompt_from_row
@@ -433,7 +468,7 @@ def generate(
             "generate: pass exactly one of --prompt TEXT (the raw prompt) or "
             "--row JSON (rendered through the recipe's prompt template)"
         )
-    recipe = _load(recipe_file, overrides)
+    recipe = _load(recipe_file, overrides, allow)
     text = prompt if prompt is not None else prompt_from_row(recipe, str(row))
     session = open_session(recipe, base=base, log=_note, max_new_tokens=max_new_tokens)
     click.echo(session.reply(text))
@@ -445,14 +480,20 @@ def generate(
 @base_opt
 @max_new_opt
 @set_opt
+@allow_opt
 @reported
 def chat(
-    recipe_file: Path, raw: bool, base: bool, max_new_tokens: int | None, overrides: tuple[str, ...]
+    recipe_file: Path,
+    raw: bool,
+    base: bool,
+    max_new_tokens: int | None,
+    overrides: tuple[str, ...],
+    allow: tuple[Path, ...],
 ) -> None:
     """Talk to the fine-tuned model: one prompt per line on stdin, replies on stdout."""
     from runner.use import chat_loop, open_session
 
-    recipe = _load(recipe_file, overrides)
+    recipe = _load(recipe_file, overrides, allow)
     session = open_session(recipe, base=base, log=_note, max_new_tokens=max_new_tokens)
     chat_loop(
         session,
@@ -490,6 +531,7 @@ def chat(
     "(query_key_value, ...) to OUT, for the original model's code.",
 )
 @set_opt
+@allow_opt
 @reported
 def export(
     recipe_file: Path,
@@ -497,6 +539,7 @@ def export(
     adapter_out: Path | None,
     chatglm_out: Path | None,
     overrides: tuple[str, ...],
+    allow: tuple[Path, ...],
 ) -> None:
     """Export the trained adapter (--adapter OUT) or a merged model (--merge OUT)."""
     from runner.export import export_adapter, export_merged
@@ -508,7 +551,7 @@ def export(
         )
     if merge_out and adapter_out and merge_out.resolve() == adapter_out.resolve():
         raise RecipeError(f"export: --merge and --adapter both name {merge_out}; use two folders")
-    recipe = _load(recipe_file, overrides)
+    recipe = _load(recipe_file, overrides, allow)
     if adapter_out is not None:
         export_adapter(recipe, adapter_out, _note)
     if merge_out is not None:

@@ -21,7 +21,15 @@ from runner.errors import Interrupted, RecipeError, StageError
 from runner.plan import STAGE_NAMES, StageStatus, compute_plan, state_path
 from runner.quiet import quiet_libraries
 from runner.recipe import Recipe
-from runner.state import describe_path, is_disk_full, new_state, run_lock, write_json_atomic
+from runner.state import (
+    OWNER_FILE,
+    claim_run_dir,
+    describe_path,
+    is_disk_full,
+    new_state,
+    run_lock,
+    write_json_atomic,
+)
 
 
 def _now() -> str:
@@ -38,7 +46,7 @@ def write_resolved_recipe(recipe: Recipe) -> None:
 
 def check_ownership(recipe: Recipe, force: bool) -> None:
     """Never run into the run directory of a different recipe without --force."""
-    marker = recipe.run_dir / "state" / "owner.json"
+    marker = recipe.run_dir / OWNER_FILE
     import json
 
     if marker.is_file():
@@ -238,6 +246,7 @@ def run_recipe(
             f"machine {recipe.get('launch.machine_rank')}: runs the stages up to train; "
             "machine 0 writes the adapter and the reports"
         )
+    claim_run_dir(run_dir)  # before the lock file: it would be the first thing written there
     with run_lock(run_dir), sigterm_as_interrupt():
         check_ownership(recipe, force)
         write_resolved_recipe(recipe)

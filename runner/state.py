@@ -214,7 +214,12 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / ".lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: it would truncate the file it points to
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            if lock.is_symlink():
+                raise RecipeError(link_message(lock)) from None
+            raise RecipeError(f"{lock}: cannot open the run lock: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -257,11 +262,67 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+OWNER_FILE = Path("state") / "owner.json"  # marks a folder the runner made its run directory
+
+
+def link_message(link: Path) -> str:
+    return (
+        f"{link}: is a symbolic link (to {os.readlink(link)}); the runner never follows links "
+        f"out of the folders it writes: remove the link (rm {link}) and run again"
+    )
+
+
+def refuse_links(*paths: Path) -> None:
+    """One line instead of `Cannot call rmtree on a symbolic link`, or a swap that would move
+    a link's target away: the runner deletes and replaces only what it wrote."""
+    for p in paths:
+        if p.is_symlink():
+            raise RecipeError(link_message(p))
+
+
+def first_link(folder: Path) -> Path | None:
+    """The first symbolic link anywhere under `folder` (links not followed)."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            if os.path.islink(os.path.join(dirpath, name)):
+                return Path(dirpath) / name
+    return None
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Before anything is written into it: `run_dir` is new, empty, or a run directory the runner
+    made (it holds state/owner.json), and holds no link that a swap or a delete could follow. A
+    user's folder named by a recipe is never adopted, and none of its files is replaced."""
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        what = "a symbolic link" if run_dir.is_symlink() else "a file, not a folder"
+        raise RecipeError(
+            f"{run_dir}: the run directory is {what}; the runner writes only into a folder it "
+            "creates: choose another recipe.output_dir"
+        )
+    if not run_dir.is_dir():
+        return
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock")
+    owner = run_dir / OWNER_FILE
+    if entries and not (
+        owner.is_file() and not owner.is_symlink() and not owner.parent.is_symlink()
+    ):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise RecipeError(
+            f"{run_dir}: exists and is not a run directory (it holds {shown} and no "
+            f"{OWNER_FILE.as_posix()}); the runner never adopts a folder it did not create: "
+            "choose another recipe.output_dir, or empty that folder yourself"
+        )
+    link = first_link(run_dir)
+    if link is not None:
+        raise RecipeError(link_message(link))
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written folder into place; a reader never sees a half-written one."""
     import shutil
 
     old = final.with_name(f".{final.name}.old")
+    refuse_links(tmp, final, old)
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
@@ -276,6 +337,7 @@ def fresh_tmp_dir(final: Path) -> Path:
     import shutil
 
     tmp = final.with_name(f".{final.name}.tmp")
+    refuse_links(tmp)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ def main(spec_path: str) -> int:
         print(message, flush=True)
 
     try:
-        recipe = load_recipe(spec["recipe"], tuple(spec["overrides"]))
+        recipe = load_recipe(spec["recipe"], tuple(spec["overrides"]), spec.get("allow", ()))
         quiet_libraries()
         ctx = Context(
             recipe=recipe,

@@ -92,6 +92,12 @@ def chatglm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def allow_checkpoint(chatglm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint lives outside each test's recipe root: allowed as a person would."""
+    monkeypatch.setenv("RECIPE_ALLOW_PATHS", str(chatglm.parent))
+
+
 def write_recipe(tmp_path: Path, model: Path, targets: list[str]) -> Path:
     (tmp_path / "data.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8"

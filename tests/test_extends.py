@@ -53,6 +53,12 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def work_tree(tmp_path: Path) -> None:
+    """tmp is a git work tree, the recipe root: team/ recipes may extend ../shared."""
+    (tmp_path / ".git").mkdir()
+
+
 @pytest.fixture
 def shared(tmp_path: Path) -> Path:
     """tmp/shared/base.toml with its corpus, data and template next to it."""

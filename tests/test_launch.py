@@ -88,7 +88,7 @@ def test_multi_node_passes_rank_and_address(tmp_path: Path) -> None:
 def test_config_file_leaves_unwritten_keys_to_it(tmp_path: Path) -> None:
     config = tmp_path / "accelerate.yaml"
     config.write_text("num_processes: 2\n", encoding="utf-8")
-    recipe = load_recipe(TINY, [f"launch.config_file={config}"])
+    recipe = load_recipe(TINY, [f"launch.config_file={config}"], allow=[tmp_path])  # outside
     cmd = accelerate_command(recipe, SPEC, cuda=True)
     f = flags(cmd)
     assert f["--config_file"] == str(config)

@@ -38,7 +38,9 @@ response = "{{ a }}"
 
 
 def clone(dest: Path) -> Path:
-    """A fresh copy of the project's recipes, templates and data; returns adgen-tiny.toml."""
+    """A fresh clone of the project's recipes, templates and data (a git work tree: the recipe
+    root that its ../data and ../templates are inside); returns adgen-tiny.toml."""
+    (dest / ".git").mkdir(parents=True)
     for sub in ("recipes", "templates", "data"):
         shutil.copytree(ROOT / sub, dest / sub, ignore=shutil.ignore_patterns("*.lock"))
     return dest / "recipes" / "adgen-tiny.toml"

@@ -23,6 +23,7 @@ from runner.models import load  # noqa: E402
 from runner.recipe import load_recipe  # noqa: E402
 
 LINEAR = ["down_proj", "gate_up_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # a pinned hub revision
 
 
 def write_glm(folder: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2) -> Path:
@@ -52,6 +53,12 @@ def write_glm(folder: Path, hidden: int = 64, intermediate: int = 128, layers: i
 @pytest.fixture(scope="module")
 def glm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_glm(tmp_path_factory.mktemp("glm") / "model")
+
+
+@pytest.fixture(autouse=True)
+def allow_models(glm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model folders live outside each test's recipe root: allowed as a person would."""
+    monkeypatch.setenv("RECIPE_ALLOW_PATHS", str(glm.parent))
 
 
 def make_recipe(tmp_path: Path, model: Path, *sets: str) -> Any:
@@ -443,7 +450,12 @@ def test_remote_code_files_are_listed(
         (remote / f.name).write_bytes(f.read_bytes())
     (remote / "modeling_custom.py").write_text("raise RuntimeError('must not run')\n")
     (remote / "configuration_custom.py").write_text("raise RuntimeError('must not run')\n")
-    recipe = make_recipe(tmp_path, remote, "model.trust_remote_code=true", "model.revision=abc123")
+    with pytest.raises(RecipeError) as refused:  # the code is not pinned: the hash to paste
+        make_recipe(tmp_path, remote, "model.trust_remote_code=true")
+    pin = refused.value.lines[-1].split('code_sha256 = "')[1].split('"')[0]
+    recipe = make_recipe(
+        tmp_path, remote, "model.trust_remote_code=true", f"model.code_sha256={pin}"
+    )
     result = CliRunner().invoke(cli, ["plan", str(recipe.path), *sets_of(recipe)])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == (
@@ -455,16 +467,16 @@ def test_remote_code_files_are_listed(
         glm,
         "model.name_or_path=someone/model",
         "model.trust_remote_code=true",
-        "model.revision=abc123",
+        f"model.revision={COMMIT}",
     )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = CliRunner().invoke(cli, ["plan", str(hub.path), *sets_of(hub)])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == (
-        "remote code: cannot list the *.py files of someone/model at revision abc123 "
+        f"remote code: cannot list the *.py files of someone/model at revision {COMMIT} "
         "(offline: HF_HUB_OFFLINE is set)"
     )
-    off = make_recipe(tmp_path, remote, "model.revision=abc123")
+    off = make_recipe(tmp_path, remote, "model.revision=abc123")  # no remote code: no pin
     assert (
         "remote code" not in CliRunner().invoke(cli, ["plan", str(off.path), *sets_of(off)]).output
     )

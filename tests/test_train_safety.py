@@ -30,7 +30,7 @@ from runner.errors import RecipeError
 from runner.plan import STAGES, compute_plan
 from runner.progress import TrainProgress
 from runner.recipe import load_recipe
-from runner.state import run_lock
+from runner.state import OWNER_FILE, run_lock, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,6 +147,7 @@ def _unfinished_attempt(recipe_file: Path) -> Path:
     folder = attempt_dir(recipe.run_dir, st.fingerprint)
     fake_checkpoint(folder, 8)
     write_attempt(folder, _record(st))
+    write_json_atomic(recipe.run_dir / OWNER_FILE, {"name": recipe.name})  # as a run leaves it
     return folder
 
 

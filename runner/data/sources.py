@@ -36,6 +36,7 @@ def _all_files(recipe: Recipe) -> list[Path] | None:
             "give a local json/jsonl/csv/parquet file, folder or glob, or a hub id"
         )
     files = [f for f in files if f.suffix in BUILDERS]
+    recipe.check_found("dataset.path", files)  # a link among them may lead out of the root
     if not files:
         raise RecipeError(
             f"{recipe.origin('dataset.path')}: $.dataset.path: "

@@ -14,6 +14,7 @@ from typing import Any
 
 from runner.errors import RecipeError
 from runner.recipe import BUILTIN_TINY, Recipe
+from runner.recipe.confine import check_code_unchanged
 from runner.state import fingerprint, sha256_file
 
 TINY_BUILDER_VERSION = 1
@@ -47,13 +48,19 @@ def _tiny_settings(recipe: Recipe) -> dict[str, Any]:
     return tiny
 
 
-def _folder_files(folder: Path, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+def _folder_files(
+    folder: Path, names: tuple[str, ...] | None = None, recipe: Recipe | None = None
+) -> dict[str, Any]:
     """Small files by content hash; weight files by size and mtime.
 
-    Hashing 12 GB of weights per plan is too slow.
+    Hashing 12 GB of weights per plan is too slow. With `recipe`, every file is re-checked
+    against what the recipe may read: a link in the folder may lead out of it.
     """
     out: dict[str, Any] = {}
-    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+    found = sorted(p for p in folder.iterdir() if p.is_file() or p.is_symlink())
+    if recipe is not None:
+        recipe.check_found("model.name_or_path", found)
+    for f in (p for p in found if p.is_file()):
         if names is not None and f.name not in names:
             continue
         if f.suffix in WEIGHT_SUFFIXES:
@@ -71,7 +78,7 @@ def model_identity(recipe: Recipe) -> dict[str, Any]:
         return {"kind": "builtin", "builder": TINY_BUILDER_VERSION, **_tiny_settings(recipe)}
     local = recipe.resolve(name)
     if local.is_dir():  # identified by its files, not by where it is
-        return {"kind": "local", "files": _folder_files(local)}
+        return {"kind": "local", "files": _folder_files(local, recipe=recipe)}
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise RecipeError(
             f"{recipe.origin('model.name_or_path')}: $.model.name_or_path: "
@@ -163,6 +170,8 @@ def materialize(recipe: Recipe, log: Callable[[str], None]) -> Path:
         return _build_tiny(recipe, ident, log)
     if ident["kind"] == "local":
         folder = recipe.resolve(recipe.get("model.name_or_path"))
+        # the code may have changed since the recipe was loaded; transformers imports it next
+        check_code_unchanged(recipe.data, folder, str(recipe.origin("model.name_or_path")))
     else:
         folder = _download(recipe, ident)
     check_model_folder(recipe, folder)

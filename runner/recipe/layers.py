@@ -14,11 +14,14 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.recipe.model import BUILTIN_TINY
 from runner.recipe.problems import InvalidRecipe, Problem
 from runner.recipe.toml_lines import key_lines
+
+if TYPE_CHECKING:
+    from runner.recipe.confine import Confinement
 
 Key = tuple[str, ...]
 
@@ -63,10 +66,11 @@ def lookup(origins: dict[Key, Origin], path: tuple[str | int, ...]) -> Origin | 
     return None
 
 
-def load_layers(shown: Path) -> Merged:
-    """Read `shown` and every file it extends, merged; paths rebased onto `shown`'s folder."""
+def load_layers(shown: Path, confinement: Confinement | None = None) -> Merged:
+    """Read `shown` and every file it extends, merged; paths rebased onto `shown`'s folder.
+    With a confinement, a parent file outside it is refused (a parent may not climb out)."""
     files: list[Path] = []
-    merged = _load(shown, (), files)
+    merged = _load(shown, (), files, confinement)
     root = shown.expanduser().resolve()
     for key in PATH_KEYS:
         origin = merged.origins.get(key)
@@ -127,7 +131,9 @@ def _drop(data: dict[str, Any], origins: dict[Key, Origin], key: Key) -> None:
         del origins[k]
 
 
-def _parents(data: dict[str, Any], shown: Path, path: Path, line: int) -> list[tuple[Path, int]]:
+def _parents(
+    data: dict[str, Any], shown: Path, path: Path, line: int, confinement: Confinement | None
+) -> list[tuple[Path, int]]:
     """The files `extends` names, as shown to the user, with the line it is on."""
     raw = data.pop("extends", None)
     if raw is None:
@@ -148,6 +154,9 @@ def _parents(data: dict[str, Any], shown: Path, path: Path, line: int) -> list[t
     out = []
     for name in names:
         given = Path(name).expanduser()
+        problem = confinement.read_problem(name, path.parent / given) if confinement else None
+        if problem:
+            raise InvalidRecipe([Problem(str(shown), line, "$.extends", problem)])
         parent_shown = given if given.is_absolute() else Path(os.path.normpath(shown.parent / name))
         if not (path.parent / given).is_file():
             raise InvalidRecipe(
@@ -165,7 +174,12 @@ def _parents(data: dict[str, Any], shown: Path, path: Path, line: int) -> list[t
     return out
 
 
-def _load(shown: Path, chain: tuple[tuple[Path, str], ...], files: list[Path]) -> Merged:
+def _load(
+    shown: Path,
+    chain: tuple[tuple[Path, str], ...],
+    files: list[Path],
+    confinement: Confinement | None,
+) -> Merged:
     from runner.recipe.load import read_toml
 
     path = shown.expanduser().resolve()
@@ -174,7 +188,8 @@ def _load(shown: Path, chain: tuple[tuple[Path, str], ...], files: list[Path]) -
     files.append(path)
     rank = len(files) - 1
     merged = Merged({}, {}, [])
-    for parent, line in _parents(data, shown, path, lines.get(("extends",), 1)):
+    extends_line = lines.get(("extends",), 1)
+    for parent, line in _parents(data, shown, path, extends_line, confinement):
         parent_path = parent.expanduser().resolve()
         seen = [p for p, _ in chain] + [path]
         if parent_path in seen:
@@ -189,7 +204,7 @@ def _load(shown: Path, chain: tuple[tuple[Path, str], ...], files: list[Path]) -
                     )
                 ]
             )
-        layer = _load(parent, (*chain, (path, str(shown))), files)
+        layer = _load(parent, (*chain, (path, str(shown))), files, confinement)
         merged = _merge(merged, layer.data, layer.origins)
     own = {
         key: Origin(path, str(shown), number, rank)

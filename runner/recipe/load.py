@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from runner.errors import RecipeError
+from runner.recipe.confine import Confinement, path_errors, remote_code_errors
 from runner.recipe.layers import load_layers, lookup
 from runner.recipe.model import BUILTIN_TINY, Recipe
 from runner.recipe.problems import InvalidRecipe, Problem
@@ -127,14 +128,6 @@ def cross_field_errors(
             )
         )
     model = data["model"]
-    if model["trust_remote_code"] and not model.get("revision"):
-        errors.append(
-            (
-                ("model", "trust_remote_code"),
-                "trust_remote_code = true needs a pinned model.revision (a commit hash), "
-                "so the code that runs cannot change under you",
-            )
-        )
     if "tiny" in written.get("model", {}) and model["name_or_path"] != BUILTIN_TINY:
         errors.append(
             (
@@ -275,12 +268,18 @@ def launch_errors(data: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
     return errors
 
 
-def load_recipe(path: Path | str, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+def load_recipe(
+    path: Path | str,
+    overrides: tuple[str, ...] | list[str] = (),
+    allow: Iterable[str | Path] = (),
+) -> Recipe:
     """Read (with the files it extends), override, validate. Raises RecipeError with one line
-    per problem (an InvalidRecipe, which also carries each problem's file, line and key)."""
+    per problem (an InvalidRecipe, which also carries each problem's file, line and key).
+    `allow`: folders outside the recipe root the person running lets it read (--allow-path)."""
     shown = Path(path)  # as the user wrote it, for messages
     path = shown.expanduser().resolve()
-    merged = load_layers(shown)
+    confinement = Confinement.for_recipe(path, allow)
+    merged = load_layers(shown, confinement)
     origins = merged.origins
     written = copy.deepcopy(merged.data)
     from_set: dict[tuple[str, ...], str] = {}
@@ -314,6 +313,13 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] | list[str] = ()) -
     errors = by_line(cross_field_errors(written, full))
     if errors:
         raise InvalidRecipe(errors)
+    # Where the recipe reads and writes: checked here so validate and plan report it too. A run
+    # directory given with --set is the choice of the person running, not of the recipe.
+    chosen = ("recipe", "output_dir") in from_set
+    errors = by_line(path_errors(written, path.parent, confinement, chosen))
+    errors += by_line(remote_code_errors(full, path.parent))
+    if errors:
+        raise InvalidRecipe(errors)
     where = {".".join(k): o.path for k, o in origins.items() if o.path != path}
     where.update({".".join(k): path for k in from_set})  # --set paths are relative to the recipe
     return Recipe(
@@ -323,16 +329,19 @@ def load_recipe(path: Path | str, overrides: tuple[str, ...] | list[str] = ()) -
         overrides=tuple(overrides),
         origins=where,
         files=tuple(merged.files),
+        confinement=confinement,
     )
 
 
-def validation_report(files: Sequence[Path], overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+def validation_report(
+    files: Sequence[Path], overrides: Sequence[str] = (), allow: Iterable[str | Path] = ()
+) -> list[dict[str, Any]]:
     """`recipe validate --format json`: every problem of every file as {file, line, path, message}
     (line and path null where a problem has none, e.g. a file that does not parse)."""
     found: list[dict[str, Any]] = []
     for f in files:
         try:
-            load_recipe(f, tuple(overrides))
+            load_recipe(f, tuple(overrides), tuple(allow))
         except InvalidRecipe as e:
             found.extend(p.as_json() for p in e.problems)
         except RecipeError as e:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runner.recipe.confine import Confinement
 
 BUILTIN_TINY = "builtin:tiny-glm"
 
@@ -30,6 +33,7 @@ class Recipe:
     overrides: tuple[str, ...] = field(default=())
     origins: dict[str, Path] = field(default_factory=dict)  # dotted key -> parent file that set it
     files: tuple[Path, ...] = field(default=())  # the recipe and every file it extends
+    confinement: Confinement | None = None  # where it may read (None: built by hand, in tests)
 
     def get(self, dotted: str) -> Any:
         node: Any = self.data
@@ -58,6 +62,18 @@ class Recipe:
         were rebased onto the recipe file's folder when they were merged)."""
         p = Path(relative).expanduser()
         return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    def check_found(self, dotted: str, files: list[Path]) -> None:
+        """Files found by a glob or in a folder the key names are still inside what the recipe
+        may read (a link among them may lead out); RecipeError otherwise."""
+        if self.confinement is not None:
+            where = str(self.origin(dotted))
+            self.confinement.check_found(where, dotted, files, str(self.get(dotted)))
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        """The folders the person running allowed, to pass on to a worker process."""
+        return self.confinement.given if self.confinement is not None else ()
 
     def origin(self, dotted: str) -> Path:
         """The file that set a key: a file the recipe extends, else the recipe itself."""
