@@ -13,10 +13,22 @@
 
 In every format `encode` returns (prompt ids, response ids) where the response ids end with the
 end token; the tokenize stage masks the prompt and truncates. No torch here.
+
+Text is text: a special-token string (`</s>`, `<|im_end|>`, `<|user|>`) that comes from the data
+is encoded as ordinary text in every format; only the format (bos, the chat template's headers,
+ChatGLM3's role tokens) and the recipe's own template text add control tokens. For plain, a
+special-token string counts as the template's when that part's template (prompt or response)
+contains it (the same string in that part's data then is a token too: the lint names such rows);
+for chat_template, the message contents are data. Rows without such strings encode exactly as
+the tokenizer encodes the whole text. The fast tokenizer's `encode_special_tokens` switch is set per
+call and restored, so the ids never depend on what the tokenizer encoded before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from runner.errors import RecipeError
@@ -28,7 +40,13 @@ CHATGLM3_TOKENS = ("[gMASK]", "sop", "<|user|>", "<|assistant|>")
 class Encoder:
     """Token ids of prompts and responses for one tokenizer and one format."""
 
-    def __init__(self, tok: Any, fmt: str, where: str = "template.format") -> None:
+    def __init__(
+        self,
+        tok: Any,
+        fmt: str,
+        where: str = "template.format",
+        literal: Mapping[str, str] | None = None,
+    ) -> None:
         if fmt not in FORMATS:
             raise RecipeError(f"{where}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
         if tok.eos_token_id is None:
@@ -56,14 +74,98 @@ class Encoder:
                     f"{', '.join(missing)} token; use it with a ChatGLM3 tokenizer, "
                     'or format = "plain"'
                 )
-        self.special = set(tok.all_special_ids) | {
-            i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special
+        added = getattr(tok, "added_tokens_decoder", {})
+        self.special = set(tok.all_special_ids) | {i for i, t in added.items() if t.special}
+        strings = {str(t) for t in tok.all_special_tokens} | {
+            str(t.content) for t in added.values() if t.special
         }
+        strings = {t for t in strings if t}
+        sources = dict(literal or {})
+        if fmt == "chat_template":  # its own headers, where a content could not be found
+            sources = {k: v + str(tok.chat_template) for k, v in sources.items()}
+            sources.setdefault("", str(tok.chat_template))
+        # per part: a `</s>` the prompt template writes says nothing about the response's data
+        self.kept = {part: {t for t in strings if t in text} for part, text in sources.items()}
+        self.kept_default = self.kept.get("", set())
+        # longest first: `<|im_end|>` before a `<|` some other token might start with
+        alternatives = sorted(strings, key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, alternatives))) if strings else None
+        self._affixes: tuple[list[int], list[int]] | None = None
 
-    def ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    def data_specials(
+        self, text: str, spans: list[tuple[int, int]] | None = None, part: str = ""
+    ) -> list[tuple[int, int]]:
+        """Where special-token strings from the data are in `text`: inside `spans` (the data's
+        ranges), or with spans None, every one the recipe's template for `part` does not
+        contain."""
+        kept = self.kept.get(part, self.kept_default)
+        if self.pattern is None:
+            return []
+        found = []
+        for m in self.pattern.finditer(text):
+            if spans is None:
+                if m.group() not in kept:
+                    found.append(m.span())
+            elif any(lo <= m.start() and m.end() <= hi for lo, hi in spans):
+                found.append(m.span())
+        return found
+
+    def ids(
+        self,
+        texts: list[str],
+        add_special_tokens: bool,
+        spans: list[list[tuple[int, int]] | None] | None = None,
+        part: str = "",
+    ) -> list[list[int]]:
+        """Token ids of texts whose special-token strings from the data stay text (see the
+        module docstring); `spans`: per text, the ranges that are data (None: see
+        `data_specials`)."""
+        per_text = spans if spans is not None else [None] * len(texts)
+        cuts = [self.data_specials(t, s, part) for t, s in zip(texts, per_text, strict=True)]
+        plain = [i for i, c in enumerate(cuts) if not c]
+        out: list[list[int]] = [[] for _ in texts]
+        if plain:
+            encoded = self._batch([texts[i] for i in plain], add_special_tokens, split=False)
+            for i, ids in zip(plain, encoded, strict=True):
+                out[i] = ids
+        for i, c in enumerate(cuts):
+            if c:
+                out[i] = self._with_text_specials(texts[i], c, add_special_tokens)
+        return out
+
+    def _with_text_specials(
+        self, text: str, cuts: list[tuple[int, int]], add_special_tokens: bool
+    ) -> list[int]:
+        """The text in pieces: between the cuts as the tokenizer reads it, the cuts (special-
+        token strings from the data) as text; the format's own special tokens around it all."""
+        ids: list[int] = []
+        start = 0
+        for lo, hi in cuts:
+            if text[start:lo]:
+                ids += self._batch([text[start:lo]], False, split=False)[0]
+            ids += self._batch([text[lo:hi]], False, split=True)[0]
+            start = hi
+        if text[start:]:
+            ids += self._batch([text[start:]], False, split=False)[0]
+        if not add_special_tokens:
+            return ids
+        prefix, suffix = self.affixes()
+        return [*prefix, *ids, *suffix]
+
+    def affixes(self) -> tuple[list[int], list[int]]:
+        """What add_special_tokens puts before and after a text (bos, `[gMASK]sop`, an eos)."""
+        if self._affixes is None:
+            bare = self._batch(["a"], False, split=False)[0]
+            full = self._batch(["a"], True, split=False)[0]
+            at = next((i for i in range(len(full)) if full[i : i + len(bare)] == bare), len(full))
+            self._affixes = (full[:at], full[at + len(bare) :])
+        return self._affixes
+
+    def _batch(self, texts: list[str], add_special_tokens: bool, split: bool) -> list[list[int]]:
         """`tok(texts)["input_ids"]`; straight from a fast tokenizer's backend when it truncates
         and pads nothing: the same ids without offsets, attention masks and a Python object per
-        row (about a quarter less CPU on the demo data)."""
+        row (about a quarter less CPU on the demo data). `split`: special-token strings in the
+        texts are encoded as text."""
         backend = getattr(self.tok, "_tokenizer", None)
         if (
             getattr(self.tok, "is_fast", False)
@@ -72,9 +174,15 @@ class Encoder:
             and backend.padding is None
         ):
             encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets
-            encodings = encode(texts, add_special_tokens=add_special_tokens)
+            with special_splitting(self.tok, split):
+                encodings = encode(texts, add_special_tokens=add_special_tokens)
             return [e.ids for e in encodings]
-        return list(self.tok(texts, add_special_tokens=add_special_tokens)["input_ids"])
+        with special_splitting(self.tok, split):
+            return list(
+                self.tok(texts, add_special_tokens=add_special_tokens, split_special_tokens=split)[
+                    "input_ids"
+                ]
+            )
 
     def prefix_length(self, prompt_ids: list[int]) -> int:
         """Leading special tokens (bos, `[gMASK]sop`, a chat header) that truncation keeps."""
@@ -87,8 +195,8 @@ class Encoder:
         self, prompts: list[str], responses: list[str]
     ) -> tuple[list[list[int]], list[list[int]]]:
         if self.fmt == "plain":
-            p = self.ids(prompts, add_special_tokens=True)
-            r = self.ids(responses, add_special_tokens=False)
+            p = self.ids(prompts, add_special_tokens=True, part="prompt")
+            r = self.ids(responses, add_special_tokens=False, part="response")
             return p, [[*ids, self.eos] for ids in r]
         if self.fmt == "chat_template":
             return self._chat_template(prompts, responses)
@@ -97,16 +205,18 @@ class Encoder:
     def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
         """What generation starts from: the prompt as the format presents it to the model."""
         if self.fmt == "plain":
-            return list(self.tok(prompts, add_special_tokens=True)["input_ids"])
+            return self.ids(prompts, add_special_tokens=True, part="prompt")
         if self.fmt == "chat_template":
             texts = self._render([[_user(p)] for p in prompts], generation=True)
-            return list(self.tok(texts, add_special_tokens=False)["input_ids"])
+            spans = [_span_of(t, p, last=True) for t, p in zip(texts, prompts, strict=True)]
+            return self.ids(texts, add_special_tokens=False, spans=spans, part="prompt")
+        return [self._chatglm3_ids([_user(p)], generation=True) for p in prompts]
+
+    def _chatglm3_ids(self, messages: list[dict[str, str]], generation: bool = False) -> list[int]:
         from runner.models.chatglm.tokenizer import encode_chatglm3_messages
 
-        return [
-            encode_chatglm3_messages(self.tok, [_user(p)], add_generation_prompt=True)
-            for p in prompts
-        ]
+        with special_splitting(self.tok, None):  # it sets the switch; put it back after
+            return encode_chatglm3_messages(self.tok, messages, add_generation_prompt=generation)
 
     def _render(self, conversations: list[list[dict[str, str]]], generation: bool) -> list[str]:
         texts = self.tok.apply_chat_template(
@@ -134,21 +244,19 @@ class Encoder:
                     'reply, so the reply cannot be told apart for the loss; use format = "plain"'
                 )
             tails.append(full[len(head) :])
-        p = self.ids(heads, add_special_tokens=False)
-        r = self.ids(tails, add_special_tokens=False)
+        head_spans = [_span_of(h, p, last=True) for h, p in zip(heads, prompts, strict=True)]
+        tail_spans = [_span_of(t, r) for t, r in zip(tails, responses, strict=True)]
+        p = self.ids(heads, add_special_tokens=False, spans=head_spans, part="prompt")
+        r = self.ids(tails, add_special_tokens=False, spans=tail_spans, part="response")
         return p, [ids if self.eos in ids else [*ids, self.eos] for ids in r]
 
     def _chatglm3(
         self, prompts: list[str], responses: list[str]
     ) -> tuple[list[list[int]], list[list[int]]]:
-        from runner.models.chatglm.tokenizer import encode_chatglm3_messages
-
         p_out, r_out = [], []
         for prompt, response in zip(prompts, responses, strict=True):
-            head = encode_chatglm3_messages(self.tok, [_user(prompt)], add_generation_prompt=True)
-            full = encode_chatglm3_messages(
-                self.tok, [_user(prompt), {"role": "assistant", "content": response}]
-            )
+            head = self._chatglm3_ids([_user(prompt)], generation=True)
+            full = self._chatglm3_ids([_user(prompt), {"role": "assistant", "content": response}])
             p_out.append(head)
             r_out.append([*full[len(head) :], self.eos])
         return p_out, r_out
@@ -156,3 +264,37 @@ class Encoder:
 
 def _user(prompt: str) -> dict[str, str]:
     return {"role": "user", "content": prompt}
+
+
+def _span_of(text: str, content: str, last: bool = False) -> list[tuple[int, int]] | None:
+    """Where a message's content is in the rendered chat text; None (the plain rule) when the
+    chat template changed it."""
+    if not content:
+        return []
+    at = text.rfind(content) if last else text.find(content)
+    return [(at, at + len(content))] if at >= 0 else None
+
+
+@contextlib.contextmanager
+def special_splitting(tok: Any, split: bool | None) -> Iterator[None]:
+    """Set a fast tokenizer's `encode_special_tokens` for one call (None: leave it to the call)
+    and put the old value back: a flag left set by one encoding must not change the next."""
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_special_tokens"):
+        yield
+        return
+    before = backend.encode_special_tokens
+    if split is not None:
+        backend.encode_special_tokens = split
+    try:
+        yield
+    finally:
+        backend.encode_special_tokens = before
+
+
+def template_literals(recipe: Any) -> dict[str, str]:
+    """The recipe's prompt and response template sources: special-token strings written there
+    are the author's and stay control tokens (plain format)."""
+    from runner.data.templates import template_sources
+
+    return {part: t.source for part, t in template_sources(recipe).items()}

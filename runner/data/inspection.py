@@ -76,7 +76,7 @@ def inspect_recipe(
     """Print the report; return the warnings."""
     import datasets
 
-    from runner.data.chat import Encoder
+    from runner.data.chat import Encoder, template_literals
     from runner.models.load import load_tokenizer
     from runner.models.resolve import materialize
     from runner.quiet import quiet_libraries
@@ -90,10 +90,10 @@ def inspect_recipe(
     formatted = prepare(recipe, limit=max(n, lint_rows))
     folder = materialize(recipe, echo)
     tok = load_tokenizer(folder)
-    encoder = Encoder(tok, fmt, f"{recipe.path}: $.template.format")
+    encoder = Encoder(tok, fmt, f"{recipe.path}: $.template.format", template_literals(recipe))
     train, heldout = formatted.train, formatted.heldout
     shown = train.select(range(min(n, len(train)))).to_dict()
-    encoded = encode_batch(encoder, cfg, shown["prompt"], shown["response"])
+    encoded = encode_batch(encoder, cfg, shown["prompt"], shown["response"], shown[ROW])
     examples = [
         Example(number, p, r, ids, labels, trunc, not keep)
         for number, p, r, ids, labels, trunc, keep in zip(

@@ -10,6 +10,10 @@ def _of(n: int, total: int, what: str) -> str:
     return f"{n:,} of {total:,} {what}"
 
 
+def _rows(numbers: list[int]) -> str:
+    return ("row " if len(numbers) == 1 else "rows ") + ", ".join(str(n) for n in numbers)
+
+
 def format_warnings(metrics: dict[str, Any]) -> list[str]:
     """From the format stage's counts: rows the templates rendered empty."""
     out = []
@@ -22,6 +26,13 @@ def format_warnings(metrics: dict[str, Any]) -> list[str]:
                 f"{split}: the template produced empty text in {prompts + responses:,} rows "
                 f"({prompts:,} prompts, {responses:,} responses; e.g. rows {rows}): "
                 'they were dropped (template.empty = "error" refuses them)'
+            )
+        bad = metrics.get(f"{split}_bad") or {}
+        if bad.get("dropped"):
+            out.append(
+                f"{split}: {bad['dropped']:,} rows print a null, boolean, list or dict value "
+                f"(e.g. {_rows(bad.get('rows', []))}): they were dropped "
+                '(dataset.bad_rows = "drop")'
             )
     return out
 
@@ -53,6 +64,13 @@ def tokenize_warnings(metrics: dict[str, Any], cfg: dict[str, Any]) -> list[str]
                 f"{split}: the end token {facts.get('eos_token')!r} is not trained in "
                 f"{_of(m['no_end_token'], m['rows'], 'rows')}{cut}: the model does not "
                 "learn to stop there"
+            )
+        if m.get("special_text"):
+            out.append(
+                f"{split}: {_of(m['special_text'], total, 'rows')} hold special-token strings "
+                f"of the tokenizer in their data (e.g. {_rows(m.get('special_rows', []))}): "
+                "they are encoded as plain "
+                "text, not as control tokens; clean the data if that markup is not meant"
             )
         over = m.get("prompt_over_max", 0)
         if m.get("dropped"):

@@ -52,6 +52,14 @@ def _all_files(recipe: Recipe) -> list[Path] | None:
     return files
 
 
+def data_name(recipe: Recipe) -> str:
+    """The data as messages name it: the one file, else dataset.path as written."""
+    files = _all_files(recipe)
+    if files is not None and len(files) == 1:
+        return str(files[0])
+    return str(recipe.get("dataset.path"))
+
+
 def local_files(recipe: Recipe, split: str | None = None) -> list[Path] | None:
     """The files of one split. In a folder, a split is the files named after it
     (train.jsonl, train-00001.jsonl, dev.json); a single file or a glob is the split `train`."""
@@ -124,7 +132,9 @@ def load_split(recipe: Recipe, spec: str) -> Any:
     files = local_files(recipe, split)
     ds_cfg = recipe.section("dataset")
     for f in files or []:  # pyarrow reads bad UTF-8 silently and chokes on empty files
-        problem = check_text(f)
+        # pandas pads a short CSV row with nulls: found here, not as a mystery null later
+        # and a .json document of lists loads as a column named `text`: both found up front
+        problem = find_bad_line(f) if f.suffix in (".csv", ".json") else check_text(f)
         if problem:
             raise RecipeError(f"{recipe.origin('dataset.path')}: $.dataset.path: {problem}")
     try:
@@ -134,15 +144,41 @@ def load_split(recipe: Recipe, spec: str) -> Any:
             )
         else:
             builder = BUILDERS[files[0].suffix]
+            # CSV cells are text as written: "007" stays 007, "NA" stays NA, empty stays empty
+            as_text = _csv_as_text(files[0]) if builder == "csv" else {}
+            from runner.models.resolve import cache_root
+
             loaded = datasets.load_dataset(
-                builder, data_files={split: [str(f) for f in files]}, split=split
+                builder,
+                data_files={split: [str(f) for f in files]},
+                split=split,
+                # the runner's cache, not ~/.cache/huggingface: RECIPE_CACHE moves it all
+                cache_dir=str(cache_root() / "datasets"),
+                **as_text,
             )
-    except ValueError as e:
+    except ValueError as e:  # an unknown split, or pyarrow's ArrowInvalid for a bad line
+        detail = next((d for d in map(find_bad_line, files or []) if d), None)
+        if detail:
+            raise RecipeError(f"{recipe.path}: $.dataset.path: {detail}") from None
         raise RecipeError(f"{recipe.path}: $.dataset.split: {e}".splitlines()[0]) from None
     except Exception as e:  # malformed files, network, unknown split: one line
         detail = _explain_load_error(files, e)
         raise RecipeError(f"{recipe.path}: $.dataset.path: {detail}") from None
     return slice_rows(loaded, spec)
+
+
+def _csv_as_text(path: Path) -> dict[str, Any]:
+    """load_dataset options that read every CSV column as strings, with no NA guessing."""
+    import csv
+
+    import datasets
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        header = next(csv.reader(f), [])
+    if not header or len(set(header)) != len(header):
+        return {"na_filter": False}  # pandas names duplicates itself
+    string = datasets.Value("string")
+    return {"na_filter": False, "features": datasets.Features({c: string for c in header})}
 
 
 def _explain_load_error(files: list[Path] | None, error: Exception) -> str:
@@ -185,25 +221,107 @@ def check_text(path: Path) -> str | None:
 
 
 def find_bad_line(path: Path) -> str | None:
-    """Name the first undecodable or unparsable line of a data file (JSON, or JSON lines in a
-    .json or .jsonl file)."""
+    """Name the first line of a data file that cannot be a row: undecodable, unparsable JSON, a
+    JSON line that is not an object, a CSV row with the wrong number of fields."""
     import json
 
     problem = check_text(path)
-    if problem or path.suffix not in (".json", ".jsonl"):
+    if problem or path.suffix not in (".json", ".jsonl", ".csv"):
         return problem
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix == ".csv":
+        return _find_ragged_row(path, text)
     if path.suffix == ".json":
         try:
-            json.loads(text)
-            return None
+            document = json.loads(text)
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # not JSON lines: one JSON document with an error
                 return f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file"
+        else:
+            return _check_document(path, document)
+    kinds: dict[str, tuple[str, int]] = {}
     for number, line_text in enumerate(text.splitlines(), start=1):
-        if line_text.strip():
-            try:
-                json.loads(line_text)
-            except json.JSONDecodeError as e:
-                return f"{path}:{number}: invalid JSON ({e.msg}); fix or delete that line"
+        if not line_text.strip():
+            continue
+        try:
+            row = json.loads(line_text)
+        except json.JSONDecodeError as e:
+            return f"{path}:{number}: invalid JSON ({e.msg}); fix or delete that line"
+        if not isinstance(row, dict):
+            return (
+                f"{path}:{number}: a JSON {_json_kind(row)}, not an object; every line must be "
+                'one row like {"prompt": "...", "response": "..."}'
+            )
+        for key, value in row.items():
+            kind = _json_kind(value)
+            first = kinds.setdefault(key, (kind, number))
+            if value is not None and first[0] != kind:
+                if first[0] == "null":
+                    kinds[key] = (kind, number)
+                    continue
+                return (
+                    f"{path}:{number}: column {key!r} is a {kind} here but a {first[0]} on "
+                    f"line {first[1]}; give a column one type (quote numbers to make them text)"
+                )
+    return None
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return "null"
+
+
+def _check_document(path: Path, document: object) -> str | None:
+    if isinstance(document, dict):
+        rows = next((v for v in document.values() if isinstance(v, list)), None)
+        if rows is None:
+            return (
+                f"{path}: a JSON object with no list of rows; write a list of objects or JSON lines"
+            )
+        document = rows
+    if not isinstance(document, list):
+        return f"{path}: a JSON {_json_kind(document)}; write a list of row objects or JSON lines"
+    for i, row in enumerate(document):
+        if not isinstance(row, dict):
+            return (
+                f"{path}: row {i + 1} is a JSON {_json_kind(row)}, not an object; "
+                "every row must be an object with the template's columns"
+            )
+    return None
+
+
+def _find_ragged_row(path: Path, text: str) -> str | None:
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return None
+        start = reader.line_num + 1
+        for row in reader:
+            if row and len(row) != len(header):
+                if any("\n" in field for field in row):
+                    return (
+                        f"{path}:{start}: a quoted field runs on to line {reader.line_num} "
+                        f"and the row has {len(row)} of {len(header)} fields; close the quote"
+                    )
+                fields = f"{len(row)} field" + ("" if len(row) == 1 else "s")
+                return (
+                    f"{path}:{start}: {fields} but the header has {len(header)}; "
+                    "quote fields that contain commas, or fix the row"
+                )
+            start = reader.line_num + 1
+    except csv.Error as e:
+        return f"{path}:{reader.line_num}: bad CSV ({e}); fix that line"
     return None

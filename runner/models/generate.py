@@ -10,9 +10,10 @@ from typing import Any
 def prompt_encoder(recipe: Any, tok: Any) -> Any:
     """The Encoder the tokenize stage uses for this recipe: same template format, same special
     tokens (bos, ChatGLM3's `[gMASK]sop<|user|>...<|assistant|>`, a chat template's header)."""
-    from runner.data.chat import Encoder
+    from runner.data.chat import Encoder, template_literals
 
-    return Encoder(tok, recipe.get("template.format"), f"{recipe.path}: $.template.format")
+    where = f"{recipe.path}: $.template.format"
+    return Encoder(tok, recipe.get("template.format"), where, template_literals(recipe))
 
 
 def stop_token_ids(model: Any, tok: Any) -> list[int]:

@@ -39,16 +39,36 @@ Log = Callable[[str], None]
 
 
 def read_corpus(corpus: Path) -> list[str]:
-    """Return the non-empty ``text`` fields of a JSONL corpus."""
+    """Return the non-empty ``text`` fields of a JSONL corpus; a line that is not a JSON object
+    with a string ``text`` is a one-line error naming the file and line."""
+    from runner.errors import RecipeError
+
     texts = []
-    with Path(corpus).open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                text = json.loads(line).get("text", "")
-                if text:
-                    texts.append(text)
+    fix = 'every line must be a JSON object like {"text": "..."}'
+    with Path(corpus).open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RecipeError(
+                    f"{corpus}:{number}: not UTF-8; convert the corpus to UTF-8"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{corpus}:{number}: invalid JSON ({e.msg}); {fix}") from None
+            if not isinstance(row, dict):
+                kind = type(row).__name__.replace("str", "string").replace("NoneType", "null")
+                raise RecipeError(f"{corpus}:{number}: a JSON {kind}, not an object; {fix}")
+            text = row.get("text", "")
+            if not isinstance(text, str):
+                raise RecipeError(f'{corpus}:{number}: "text" is not a string; {fix}')
+            if text:
+                texts.append(text)
     if not texts:
-        raise ValueError(f"no 'text' rows in {corpus}")
+        raise RecipeError(f'{corpus}: no "text" rows; {fix}')
     return texts
 
 

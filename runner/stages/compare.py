@@ -30,9 +30,19 @@ def prompts(ctx: Context) -> list[dict[str, Any]]:
             strict=True,
         )
     ]
+    if not rows:
+        ctx.log(
+            "compare: no held-out rows (dataset.heldout_rows = 0): no references to score; "
+            + (
+                f"generating for the {len(cfg['prompts'])} compare.prompts only"
+                if cfg["prompts"]
+                else "add compare.prompts or held-out rows to see generations"
+            )
+        )
     renderer = Renderer(template_sources(ctx.recipe))
     for i, extra in enumerate(cfg["prompts"]):
-        rows.append({"prompt": renderer.render_part("prompt", extra, i), "reference": None})
+        text = renderer.render_part("prompt", extra, i, "compare.prompts", drop_hint=False)
+        rows.append({"prompt": text, "reference": None})
     return [{"index": i, **r} for i, r in enumerate(rows)]
 
 

@@ -22,6 +22,7 @@ from runner.errors import RecipeError
 from runner.state import fresh_tmp_dir, replace_dir
 
 IGNORE = -100
+SHOWN_ROWS = 5
 FLAGS = (
     "length",
     "trained",
@@ -31,7 +32,10 @@ FLAGS = (
     "end_trained",
     "eos_masked",
     "prompt_over",
+    "data_special",
+    "row",
 )
+ROW = "__source_row__"  # the format stage's source row number (runner.stages.format.ROW)
 
 
 def encode(
@@ -97,15 +101,30 @@ def percentiles(values: Any) -> dict[str, float]:
 
 
 def encode_batch(
-    encoder: Encoder, cfg: dict[str, Any], prompts: list[str], responses: list[str]
+    encoder: Encoder,
+    cfg: dict[str, Any],
+    prompts: list[str],
+    responses: list[str],
+    rows: list[int] | None = None,
 ) -> dict[str, list[Any]]:
-    """input_ids, labels and the per-row flags of FLAGS for a batch of rendered rows."""
+    """input_ids, labels and the per-row flags of FLAGS for a batch of rendered rows (`rows`:
+    their source row numbers, for warnings)."""
     eos = encoder.eos
     max_length = cfg["max_length"]
     out: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", *FLAGS)}
     prompt_ids, response_ids = encoder.encode(prompts, responses)
     train_on_prompt = cfg["train_on_prompt"]
-    for p, r in zip(prompt_ids, response_ids, strict=True):
+    numbers = rows if rows is not None else [0] * len(prompts)
+    for p, r, p_text, r_text, number in zip(
+        prompt_ids, response_ids, prompts, responses, numbers, strict=True
+    ):
+        out["data_special"].append(
+            bool(
+                encoder.data_specials(p_text, part="prompt")
+                or encoder.data_specials(r_text, part="response")
+            )
+        )
+        out["row"].append(number)
         fitted = fit(p, r, max_length, cfg["truncation"], encoder.prefix_length(p))
         prompt, response, truncated = fitted if fitted else ([], [], True)
         ids = prompt + response
@@ -144,6 +163,8 @@ def summarize(mapped: Any) -> dict[str, Any]:
         "no_end_token": int((~col("end_trained").astype(bool) & keep).sum()),
         "eos_masked": int(col("eos_masked").sum()),
         "prompt_over_max": int(col("prompt_over").sum()),
+        "special_text": int(col("data_special").astype(bool).sum()),
+        "special_rows": [int(n) for n in col("row")[col("data_special").astype(bool)][:SHOWN_ROWS]],
     }
 
 
@@ -153,8 +174,8 @@ def tokenize_split(
     """The kept rows (input_ids, labels) and their counts."""
     import numpy as np
 
-    def enc(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
-        return encode_batch(encoder, cfg, batch["prompt"], batch["response"])
+    def enc(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return encode_batch(encoder, cfg, batch["prompt"], batch["response"], batch.get(ROW))
 
     if len(ds) == 0:  # map would return no columns at all
         from datasets import Dataset, Features, Sequence, Value
@@ -174,6 +195,8 @@ def tokenize_split(
             "no_end_token": 0,
             "eos_masked": 0,
             "prompt_over_max": 0,
+            "special_text": 0,
+            "special_rows": [],
         }
     with rust_threads(num_proc == 1):
         mapped = ds.map(
@@ -220,13 +243,20 @@ def tokenizer_facts(tok: Any) -> dict[str, Any]:
 def run(ctx: Context) -> dict[str, Any]:
     from datasets import DatasetDict, load_from_disk
 
+    from runner.data.chat import template_literals
     from runner.models.load import load_tokenizer
     from runner.models.resolve import materialize
+    from runner.stages.format import empty_shards
 
     recipe = ctx.recipe
     cfg = recipe.section("tokenize")
     tok = load_tokenizer(materialize(recipe, ctx.log))
-    encoder = Encoder(tok, recipe.get("template.format"), f"{recipe.path}: $.template.format")
+    encoder = Encoder(
+        tok,
+        recipe.get("template.format"),
+        f"{recipe.path}: $.template.format",
+        template_literals(recipe),
+    )
     formatted = load_from_disk(str(ctx.path("data/formatted")), keep_in_memory=True)
     out: dict[str, Any] = {}
     metrics: dict[str, Any] = {"tokenizer": tokenizer_facts(tok)}
@@ -240,7 +270,7 @@ def run(ctx: Context) -> dict[str, Any]:
         )
     final = ctx.path("data/tokenized")
     tmp = fresh_tmp_dir(final)
-    DatasetDict(out).save_to_disk(str(tmp))
+    DatasetDict(out).save_to_disk(str(tmp), num_shards=empty_shards(out))
     replace_dir(tmp, final)
     t = metrics["train"]
     ctx.log(
