@@ -6,10 +6,11 @@ complete torch archives, the adapter weights' safetensors header covers the file
 writes trainer_state.json last, so a checkpoint half-written when the process died is skipped in
 favour of the previous one.
 
-FSDP's sharded checkpoints (pytorch_model_fsdp_0/, optimizer_0/) are not resumed: measured on an
-H200 (transformers 5.17, accelerate 1.15, peft 0.21), resuming one restored the step, optimizer
-and schedule but left the LoRA weights at their initial values, and the losses went on differently
-from an uninterrupted run. Starting over is slower but right; the skip note says why.
+FSDP's sharded checkpoints hold no optimizer.pt and no adapter file: the adapter and the optimizer
+state are dist_cp folders (pytorch_model_fsdp_0/, optimizer_0/), each complete once its .metadata
+exists (dist_cp writes it after every rank's shard), beside scheduler.pt, trainer_state.json and
+the rng state. The train stage loads their LoRA weights and optimizer state itself after the
+Trainer's resume (runner/models/fsdp_names.py says why the Trainer's own load misses them).
 
 Each attempt folder also holds attempt.json: the train stage's params, inputs, upstream
 fingerprints and library versions when the attempt started, and whether it finished, so a new
@@ -30,10 +31,9 @@ from runner.errors import RecipeError
 REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")
 SHARDED = "pytorch_model_fsdp_0"
-NOT_RESUMED = (
-    "FSDP-sharded: resuming it would not restore the LoRA weights (peft 0.21 under FSDP), "
-    "so training starts over"
-)
+SHARDED_OPTIMIZER = "optimizer_0"
+SHARDED_REQUIRED = ("trainer_state.json", "scheduler.pt")
+_RNG = re.compile(r"^rng_state(_\d+)?\.pth$")  # rng_state_<rank>.pth with several processes
 ATTEMPT = "attempt.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -64,7 +64,7 @@ def _file_problem(path: Path) -> str | None:
 def checkpoint_problem(path: Path) -> str | None:
     """None when `path` is a complete checkpoint, else what is wrong with it."""
     if (path / SHARDED).is_dir():
-        return NOT_RESUMED
+        return sharded_problem(path)
     for name in REQUIRED:
         if not (path / name).is_file() or (path / name).stat().st_size == 0:
             return f"{name} missing or empty"
@@ -90,6 +90,27 @@ def checkpoint_problem(path: Path) -> str | None:
             json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return "adapter_config.json unreadable"
+    return None
+
+
+def sharded_problem(path: Path) -> str | None:
+    """checkpoint_problem for an FSDP-sharded checkpoint."""
+    for name in (f"{SHARDED}/.metadata", f"{SHARDED_OPTIMIZER}/.metadata", *SHARDED_REQUIRED):
+        if not (path / name).is_file() or (path / name).stat().st_size == 0:
+            return f"{name} missing or empty"
+    rng = sorted(p for p in path.iterdir() if _RNG.match(p.name))
+    if not rng:
+        return "rng_state.pth missing"
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "trainer_state.json unreadable"
+    if not isinstance(state, dict) or "global_step" not in state:
+        return "trainer_state.json incomplete"
+    for f in (path / "scheduler.pt", *rng):
+        problem = _file_problem(f)
+        if problem:
+            return problem
     return None
 
 

@@ -75,3 +75,75 @@ def test_adapter_tensors_counts_what_the_saved_file_holds(tmp_path: Any) -> None
         {"a": torch.ones(2), "b": torch.zeros(3)}, str(tmp_path / "adapter_model.safetensors")
     )
     assert adapter_tensors(tmp_path) == 2
+
+
+def test_saved_adapter_keys_find_their_place_under_fsdp_names() -> None:
+    """A sharded checkpoint holds peft's saved names (no adapter segment); the loader places them
+    by the model's own keys, which under FSDP carry wrapper segments, and loads what peft's own
+    set_peft_model_state_dict would."""
+    m = model()
+    saved = {k: v + 1 for k, v in peft.get_peft_model_state_dict(m).items()}
+    wrapped = wrap_like_fsdp(model())
+    names = list(wrapped.state_dict())
+    assert any(".lora_A.default._fsdp_wrapped_module.weight" in n for n in names)
+    placed, unplaced = fsdp_names.adapter_key_map(saved, names, "default")
+    assert unplaced == [] and len(placed) == 4
+    assert placed["base_model.model.0.lora_A.weight"] == "base_model.model.0.lora_A.default.weight"
+    fresh, reference = model(), model()
+    result = fresh.load_state_dict({placed[k]: v for k, v in saved.items()}, strict=False)
+    assert result.unexpected_keys == []
+    peft.set_peft_model_state_dict(reference, saved)
+    ref = reference.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in fresh.state_dict().items())
+    assert torch.equal(
+        fresh.state_dict()["base_model.model.0.lora_B.default.weight"], torch.ones(8, 2)
+    )
+
+
+def test_saved_keys_without_a_place_are_reported() -> None:
+    names = list(model().state_dict())
+    saved = ["base_model.model.0.lora_A.weight", "base_model.model.5.lora_A.weight"]
+    placed, unplaced = fsdp_names.adapter_key_map(saved, names, "default")
+    assert placed == {
+        "base_model.model.0.lora_A.weight": "base_model.model.0.lora_A.default.weight"
+    }
+    assert unplaced == ["base_model.model.5.lora_A.weight"]
+    # another adapter's keys, and base weights of the same path, are no place for these
+    assert fsdp_names.adapter_key_map(saved, names, "other") == ({}, sorted(saved))
+    assert fsdp_names.adapter_key_map(
+        ["base_model.model.0.base_layer.weight"], names, "default"
+    ) == (
+        {},
+        ["base_model.model.0.base_layer.weight"],
+    )
+
+
+def test_saved_name_drops_the_adapter_and_wrapper_segments() -> None:
+    assert (
+        fsdp_names.saved_name(
+            "_fsdp_wrapped_module.base_model.model.0._fsdp_wrapped_module.lora_A.default.weight",
+            "default",
+        )
+        == "base_model.model.0.lora_A.weight"
+    )
+    # only a whole segment is the adapter: a module named default_proj stays
+    assert fsdp_names.saved_name("m.default_proj.lora_A.default.weight", "default") == (
+        "m.default_proj.lora_A.weight"
+    )
+
+
+def test_optimizer_state_is_created_without_moving_the_weights() -> None:
+    """accelerate reads the sharded optimizer state into a template made from the current state:
+    empty before the first step, so it is created first, and the weights must not move (AdamW
+    with weight decay and a non-zero learning rate would move them)."""
+    m = model()
+    params = [p for p in m.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=0.5, weight_decay=0.1)
+    assert not opt.state
+    fsdp_names.create_optimizer_state(opt)
+    assert len(opt.state) == len(params) == 4
+    assert all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
+    assert all(float(opt.state[p]["exp_avg"].abs().sum()) == 0.0 for p in params)
+    assert opt.param_groups[0]["lr"] == 0.5
+    assert all(p.grad is None for p in params)

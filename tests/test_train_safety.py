@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -106,26 +107,80 @@ def test_half_written_newest_checkpoint_falls_back_to_the_previous(tmp_path: Pat
     ]
 
 
-def test_fsdp_sharded_checkpoint_is_not_resumed(tmp_path: Path) -> None:
-    """Resuming one left the LoRA weights at their initial values (H200, peft 0.21): start over,
-    and a failed launch says so."""
-    from runner.checkpoints import NOT_RESUMED
+def fake_sharded_checkpoint(folder: Path, step: int, ranks: int = 1) -> Path:
+    """An FSDP checkpoint as accelerate writes it: the adapter and the optimizer state as dist_cp
+    folders, no optimizer.pt or adapter file; one rng state per rank when there are several."""
+    path = fake_checkpoint(folder, step)
+    (path / "optimizer.pt").unlink()
+    (path / "adapter_model.safetensors").unlink()
+    if ranks > 1:
+        for rank in range(ranks):
+            shutil.copy(path / "rng_state.pth", path / f"rng_state_{rank}.pth")
+        (path / "rng_state.pth").unlink()
+    for shards in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (path / shards).mkdir()
+        for rank in range(ranks):
+            (path / shards / f"__{rank}_0.distcp").write_bytes(b"x" * 64)
+        (path / shards / ".metadata").write_bytes(b"x" * 64)
+    return path
+
+
+def test_complete_fsdp_sharded_checkpoint_is_resumed(tmp_path: Path) -> None:
+    """The train stage restores its LoRA weights and optimizer state itself (measured on an H200:
+    the resumed run's losses and adapter equal an uninterrupted run's), so it counts."""
     from runner.launch import what_next
 
     assert what_next(tmp_path) == "`recipe run` starts it again (no checkpoint was saved)"
-    path = fake_checkpoint(tmp_path, 2)
-    (path / "optimizer.pt").unlink()
-    (path / "adapter_model.safetensors").unlink()
-    for shards in ("pytorch_model_fsdp_0", "optimizer_0"):
-        (path / shards).mkdir()
-        (path / shards / ".metadata").write_bytes(b"x" * 64)
-        (path / shards / "__0_0.distcp").write_bytes(b"x" * 64)
-    assert newest_valid(tmp_path) == (None, [f"checkpoint 2 skipped: {NOT_RESUMED}"])
-    assert what_next(tmp_path) == (
-        f"`recipe run` starts it again (checkpoint 2 skipped: {NOT_RESUMED})"
-    )
-    fake_checkpoint(tmp_path, 1)
-    assert what_next(tmp_path) == "`recipe run` resumes from checkpoint 1"
+    path = fake_sharded_checkpoint(tmp_path, 2)
+    assert checkpoint_problem(path) is None
+    assert newest_valid(tmp_path) == (path, [])
+    assert what_next(tmp_path) == "`recipe run` resumes from checkpoint 2"
+    assert checkpoint_problem(fake_sharded_checkpoint(tmp_path, 4, ranks=2)) is None
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (
+            lambda p: (p / "pytorch_model_fsdp_0" / ".metadata").unlink(),
+            "pytorch_model_fsdp_0/.metadata missing or empty",
+        ),
+        (
+            lambda p: (p / "optimizer_0" / ".metadata").write_bytes(b""),
+            "optimizer_0/.metadata missing or empty",
+        ),
+        (lambda p: shutil.rmtree(p / "optimizer_0"), "optimizer_0/.metadata missing or empty"),
+        (lambda p: (p / "scheduler.pt").unlink(), "scheduler.pt missing or empty"),
+        (lambda p: cut(p / "scheduler.pt"), "scheduler.pt truncated or not a torch archive"),
+        (lambda p: (p / "trainer_state.json").unlink(), "trainer_state.json missing or empty"),
+        (lambda p: (p / "trainer_state.json").write_text("{"), "trainer_state.json unreadable"),
+        (lambda p: (p / "trainer_state.json").write_text("[]"), "trainer_state.json incomplete"),
+        (lambda p: (p / "rng_state.pth").unlink(), "rng_state.pth missing"),
+        (
+            lambda p: (p / "rng_state.pth").rename(p / "rng_state.pth.tmp"),
+            "rng_state.pth missing",
+        ),
+        (lambda p: cut(p / "rng_state.pth"), "rng_state.pth truncated or not a torch archive"),
+    ],
+)
+def test_incomplete_fsdp_checkpoint_falls_back_to_the_previous(
+    tmp_path: Path,
+    damage,  # type: ignore[no-untyped-def]
+    problem: str,
+) -> None:
+    """dist_cp writes .metadata after every rank's shard: a run killed while saving leaves a
+    folder without it, and the Trainer writes scheduler, rng and trainer state beside it."""
+    previous = fake_sharded_checkpoint(tmp_path, 2)
+    newest = fake_sharded_checkpoint(tmp_path, 4)
+    damage(newest)
+    assert checkpoint_problem(newest) == problem
+    assert newest_valid(tmp_path) == (previous, [f"checkpoint 4 skipped: {problem}"])
+
+
+def test_fsdp_rng_state_of_one_rank_is_checked_too(tmp_path: Path) -> None:
+    path = fake_sharded_checkpoint(tmp_path, 2, ranks=2)
+    cut(path / "rng_state_1.pth")
+    assert checkpoint_problem(path) == "rng_state_1.pth truncated or not a torch archive"
 
 
 def _record(st, finished: bool = False) -> dict:  # type: ignore[no-untyped-def]

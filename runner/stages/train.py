@@ -12,6 +12,8 @@ from typing import Any
 
 from runner import faults, profiling
 from runner.checkpoints import (
+    SHARDED,
+    SHARDED_OPTIMIZER,
     attempt_dir,
     changed_settings,
     checkpoint_problem,
@@ -286,7 +288,13 @@ def reuse_last_checkpoint(
     from peft.utils import load_peft_weights
     from transformers import TrainerState
 
-    set_peft_model_state_dict(trainer.model, load_peft_weights(str(checkpoint)))
+    if fsdp and (checkpoint / SHARDED).is_dir():
+        # No adapter file, and the shards load only into the wrapped model: wrap it as train()
+        # would, so that save_final gathers it the same way.
+        trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
+        restore_sharded(ctx, trainer, checkpoint, optimizer=False)
+    else:
+        set_peft_model_state_dict(trainer.model, load_peft_weights(str(checkpoint)))
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     ctx.log(f"train: checkpoint {step_of(checkpoint)} is the last step; nothing left to train")
     save_final(ctx, trainer, fsdp)
@@ -344,6 +352,45 @@ def fsdp_ready(trainer: Any) -> bool:
     plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
     clean_fsdp_prefixes()
     return True
+
+
+def restore_sharded(ctx: Context, trainer: Any, checkpoint: Path, optimizer: bool) -> None:
+    """The LoRA weights (and the optimizer state) of an FSDP-sharded checkpoint, into the wrapped
+    model on every rank; the Trainer's own load leaves both at init (models/fsdp_names.py)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from runner.models.fsdp_names import load_sharded_adapter, load_sharded_optimizer
+
+    plugin = trainer.accelerator.state.fsdp_plugin
+    states = 0
+    try:
+        n = load_sharded_adapter(trainer.model_wrapped, plugin, checkpoint / SHARDED)
+        if optimizer:
+            states = load_sharded_optimizer(
+                trainer.model_wrapped, trainer.optimizer, plugin, checkpoint / SHARDED_OPTIMIZER
+            )
+    # dist_cp's CheckpointException (a BaseException) carries every rank's traceback: first line
+    except (ValueError, CheckpointException) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StageError(
+            "train",
+            f"checkpoint {step_of(checkpoint)} ({checkpoint}) cannot be restored: {reason}; "
+            f"delete {checkpoint} to resume from an earlier one or start over",
+        ) from e
+    also = f" and the optimizer state of {states} parameters" if optimizer else ""
+    ctx.log(f"train: FSDP: {n} LoRA tensors{also} restored from checkpoint {step_of(checkpoint)}")
+
+
+def sharded_resume_hook(ctx: Context, trainer: Any, checkpoint: Path) -> Any:
+    """Restores adapter and optimizer once the Trainer has wrapped the model and run its own
+    resume (step, schedule, rng), before the first step."""
+    from transformers import TrainerCallback
+
+    class RestoreSharded(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            restore_sharded(ctx, trainer, checkpoint, optimizer=True)
+
+    return RestoreSharded()
 
 
 def save_final(ctx: Context, trainer: Any, fsdp: bool) -> None:
@@ -436,11 +483,8 @@ def run(ctx: Context) -> dict[str, Any]:
     if cfg["packing"] and ctx.world_size > 1 and not cfg["group_by_length"]:
         ctx.log(balance_processes(trainer, recipe.seed))
     fsdp = fsdp_ready(trainer)
-    if fsdp:
-        ctx.log(
-            "train: FSDP: a stopped or failed run starts over; resuming a sharded checkpoint "
-            "does not restore the LoRA weights yet (README: More than one GPU)"
-        )
+    if fsdp and resume is not None and (resume / SHARDED).is_dir():
+        trainer.callback_handler.callbacks.insert(0, sharded_resume_hook(ctx, trainer, resume))
     for hook in faults.trainer_hooks(
         trainer,
         ctx.run_dir,  # tests only
