@@ -16,6 +16,7 @@ All three are written to a hidden sibling folder and renamed into place.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
