@@ -194,7 +194,8 @@ def _unwritable(run_dir: Path) -> str | None:
     """Why the run directory cannot be written (read-only, not ours), or None."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644))
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        os.close(os.open(run_dir / ".lock", flags, 0o644))
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return e.strerror or type(e).__name__
@@ -234,6 +235,7 @@ def run_recipe(
     errors in a stage propagate with their traceback (after it is logged and recorded)."""
     run_dir = recipe.run_dir
     ran: list[dict[str, Any]] = []
+    claim_run_dir(run_dir)  # before the probe below: it would be the first thing written there
     why = _unwritable(run_dir)
     if why is not None:
         return _read_only_run(recipe, echo, only, why)
@@ -246,7 +248,6 @@ def run_recipe(
             f"machine {recipe.get('launch.machine_rank')}: runs the stages up to train; "
             "machine 0 writes the adapter and the reports"
         )
-    claim_run_dir(run_dir)  # before the lock file: it would be the first thing written there
     with run_lock(run_dir), sigterm_as_interrupt():
         check_ownership(recipe, force)
         write_resolved_recipe(recipe)
