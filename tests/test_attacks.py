@@ -156,6 +156,9 @@ def test_attack(case: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cac
     assert snapshot(tmp_path, allowed) == before, "something outside runs/ changed"
 
 
-def test_enough_cases() -> None:
-    """The issue asks for a corpus of at least 100 bad inputs (plus the parametrized tests)."""
-    assert len(CASES) >= 1
+def test_corpus_covers_every_category() -> None:
+    """At least 100 cases, and each category of attack keeps some (a folder deleted by mistake,
+    or a prefix renamed, shows here rather than as a silently smaller corpus)."""
+    prefixes = {c.name.split("-", 1)[0] for c in CASES}
+    assert len(CASES) >= 100
+    assert prefixes >= {"path", "dir", "code", "data", "tmpl", "tok", "num", "state", "model"}

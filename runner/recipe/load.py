@@ -146,18 +146,7 @@ def cross_field_errors(
                 (("template", part), f"{what} of {part} and {part}_file given; set exactly one")
             )
     ds = data["dataset"]
-    if (
-        data["compare"]["num_examples"] > 0
-        and ds["heldout_split"] is None
-        and ds["heldout_rows"] == 0
-    ):
-        errors.append(
-            (
-                ("compare", "num_examples"),
-                "compare needs held-out rows: set dataset.heldout_rows > 0 "
-                "or dataset.heldout_split, or compare.num_examples = 0",
-            )
-        )
+    # heldout_rows = 0 is fine for compare: it then generates for compare.prompts and says so.
     if train["eval_steps"] > 0 and ds["heldout_split"] is None and ds["heldout_rows"] == 0:
         errors.append(
             (
