@@ -207,6 +207,9 @@ def run_recipe(
     errors in a stage propagate with their traceback (after it is logged and recorded)."""
     run_dir = recipe.run_dir
     ran: list[dict[str, Any]] = []
+    claim_run_dir(
+        run_dir
+    )  # before the writability probe: it would leave a .lock in a user's folder
     why = _unwritable(run_dir)
     if why is not None:
         return _read_only_run(recipe, echo, only, why)
@@ -219,7 +222,6 @@ def run_recipe(
             f"machine {recipe.get('launch.machine_rank')}: runs the stages up to train; "
             "machine 0 writes the adapter and the reports"
         )
-    claim_run_dir(run_dir)  # before the lock file: it would be the first thing written there
     with run_lock(run_dir), sigterm_as_interrupt():
         check_ownership(recipe, force)
         write_resolved_recipe(recipe)

@@ -274,6 +274,12 @@ def check_ownership(recipe: Recipe, force: bool) -> None:
     marker = recipe.run_dir / OWNER_FILE
     if marker.is_file():
         owner = read_record(marker) or {}  # unreadable or edited by hand: as no owner
+        if not isinstance(owner.get("name"), str) and not force:
+            raise RecipeError(
+                f"{recipe.run_dir}: {OWNER_FILE.as_posix()} names no recipe (damaged or edited), "
+                f"so the folder may hold another recipe's runs; pass --force to reuse it for "
+                f"{recipe.name!r}, or set recipe.output_dir to another folder"
+            )
         if owner.get("name") != recipe.name and not force:
             raise RecipeError(
                 f"{recipe.run_dir}: holds the runs of recipe {owner.get('name')!r}, "
