@@ -16,8 +16,8 @@ from datakit import make_tokenizer, write_recipe
 
 from runner.data.chat import Encoder
 from runner.data.collate import IGNORE_INDEX
+from runner.data.tokenization import encode_batch
 from runner.recipe import load_recipe
-from runner.stages.tokenize import encode_batch
 
 torch = pytest.importorskip("torch")
 CFG = {"max_length": 64, "truncation": "cut_prompt", "train_on_prompt": False}

@@ -14,9 +14,9 @@ from datakit import IM_TEMPLATE, make_tokenizer, write_recipe
 from runner.cli import cli
 from runner.data.chat import Encoder
 from runner.data.collate import IGNORE_INDEX
+from runner.data.tokenization import encode, encode_batch
 from runner.errors import RecipeError
 from runner.recipe import load_recipe
-from runner.stages.tokenize import encode, encode_batch
 
 pytest.importorskip("transformers")
 CFG = {"max_length": 64, "truncation": "cut_prompt", "train_on_prompt": False}

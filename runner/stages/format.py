@@ -6,12 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from runner.context import Context
-from runner.data.formatting import ROW, Formatted, empty_shards, prepare
+from runner.data.formatting import empty_shards, prepare
 from runner.data.lint import format_warnings
 from runner.rundir import FORMATTED
 from runner.state import fresh_tmp_dir, replace_dir
-
-__all__ = ["ROW", "Formatted", "prepare", "run"]  # the data logic's names, for older imports
 
 
 def run(ctx: Context) -> dict[str, Any]:

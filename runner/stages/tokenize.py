@@ -9,12 +9,10 @@ from typing import Any
 from runner.context import Context
 from runner.data.chat import Encoder
 from runner.data.lint import tokenize_warnings
-from runner.data.tokenization import encode, encode_batch, tokenize_split, tokenizer_facts
+from runner.data.tokenization import tokenize_split, tokenizer_facts
 from runner.errors import RecipeError
 from runner.rundir import FORMATTED, TOKENIZED
 from runner.state import fresh_tmp_dir, replace_dir
-
-__all__ = ["encode", "encode_batch", "run"]  # the data logic's names, for older imports
 
 
 def run(ctx: Context) -> dict[str, Any]:
