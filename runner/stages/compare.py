@@ -139,11 +139,25 @@ def run(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def logged_losses(history: list[Any]) -> list[dict[str, Any]]:
+    """The log history's entries the loss curve can draw: a hand-edited or damaged file draws
+    what is left of it instead of failing the stage at its last step."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    return [
+        {k: e[k] for k in ("step", "loss", "eval_loss") if k in e and number(e[k])}
+        for e in history
+        if isinstance(e, dict) and number(e.get("step"))
+    ]
+
+
 def report(ctx: Context, rows: list[dict[str, Any]], result: dict[str, Any]) -> str:
     """report.html: the recipe, the loss curve from train/log_history.json, metrics, examples."""
     from runner.report.html import recipe_summary, render
 
-    history = read_record(ctx.path(LOG_HISTORY), list)
+    history = logged_losses(read_record(ctx.path(LOG_HISTORY), list) or [])
     train = state_path(ctx.run_dir, "train")
     resolved = ctx.path(RESOLVED_RECIPE)
     return render(
@@ -151,7 +165,7 @@ def report(ctx: Context, rows: list[dict[str, Any]], result: dict[str, Any]) -> 
         summary_pairs=recipe_summary(ctx.recipe.data),
         rows=rows,
         summary=result,
-        history=history or [],
+        history=history,
         resolved_toml=resolved.read_text(encoding="utf-8") if resolved.is_file() else None,
         train_metrics=state_metrics(train) if train.is_file() else None,
     )
