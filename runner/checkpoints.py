@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RecipeError
+from runner.rundir import CHECKPOINTS, read_record
 
 REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")
@@ -39,7 +40,7 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def attempt_dir(run_dir: Path, train_fingerprint: str) -> Path:
-    return run_dir / "checkpoints" / train_fingerprint
+    return run_dir / CHECKPOINTS / train_fingerprint
 
 
 def _file_problem(path: Path) -> str | None:
@@ -142,7 +143,7 @@ def step_of(checkpoint: Path) -> int:
 
 
 def other_attempts(run_dir: Path, train_fingerprint: str) -> list[str]:
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != train_fingerprint)
@@ -155,11 +156,7 @@ def write_attempt(folder: Path, record: dict[str, Any]) -> None:
 
 
 def read_attempt(folder: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads((folder / ATTEMPT).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    return read_record(folder / ATTEMPT)
 
 
 def previous_attempt(run_dir: Path, train_fingerprint: str) -> tuple[Path, dict[str, Any]] | None:

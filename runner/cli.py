@@ -239,7 +239,7 @@ def run(
 
 
 def _locked(recipe: Any, recipe_file: Path) -> Any:
-    from runner.recipe.lockfile import apply_lock, lock_path
+    from runner.lockfile import apply_lock, lock_path
 
     recipe = apply_lock(recipe, recipe_file)
     click.echo(f"{lock_path(recipe_file)}: nothing drifted")
@@ -247,20 +247,19 @@ def _locked(recipe: Any, recipe_file: Path) -> Any:
 
 
 def _print_compare(run_dir: Path) -> None:
-    from runner.plan import state_path
     from runner.report.table import print_table
-    from runner.state import state_metrics
+    from runner.rundir import COMPARE_ROWS, COMPARE_TABLE, REPORT, state_metrics, state_path
 
-    rows_file = run_dir / "compare.jsonl"
+    rows_file = run_dir / COMPARE_ROWS
     state_file = state_path(run_dir, "compare")
     if not rows_file.is_file() or not state_file.is_file():
         return
     rows = [json.loads(line) for line in rows_file.read_text(encoding="utf-8").splitlines() if line]
     summary = state_metrics(state_file)
     print_table(rows, summary)
-    click.echo(f"compare table: {run_dir / 'compare.md'}")
-    if (run_dir / "report.html").is_file():
-        click.echo(f"report: {run_dir / 'report.html'}")
+    click.echo(f"compare table: {run_dir / COMPARE_TABLE}")
+    if (run_dir / REPORT).is_file():
+        click.echo(f"report: {run_dir / REPORT}")
 
 
 @cli.command()
@@ -372,7 +371,7 @@ def show(recipe_file: Path, overrides: tuple[str, ...], allow: tuple[Path, ...])
 def lock(recipe_file: Path, allow: tuple[Path, ...]) -> None:
     """Write RECIPE.lock: model and data commits or hashes, template hashes, library versions.
     Resolving a hub revision to a commit needs the network."""
-    from runner.recipe.lockfile import write_lock
+    from runner.lockfile import write_lock
 
     click.echo(f"wrote {write_lock(_load(recipe_file, (), allow), recipe_file)}")
 

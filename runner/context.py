@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.rundir import RUN_LOG
+
 
 @dataclass
 class Context:
@@ -42,7 +44,7 @@ class Context:
 
     def record(self, message: str) -> None:
         """A line in logs/run.log only (what the CLI prints itself, e.g. a failure)."""
-        log = self.run_dir / "logs" / "run.log"
+        log = self.run_dir / RUN_LOG
         log.parent.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now().isoformat(timespec="seconds")
         with open(log, "a", encoding="utf-8") as f:

@@ -24,6 +24,7 @@ from typing import Any
 from runner.errors import RecipeError
 from runner.quiet import quiet_libraries
 from runner.recipe import Recipe
+from runner.rundir import ADAPTER
 from runner.state import fresh_tmp_dir, replace_dir
 from runner.use import Echo, require_adapter, shown, stale_adapter_note
 
@@ -42,9 +43,9 @@ def check_destination(out: Path, recipe: Recipe) -> None:
 
 
 def _state_metrics(recipe: Recipe, stage: str) -> dict[str, Any]:
-    from runner.state import state_metrics
+    from runner.rundir import state_metrics, state_path
 
-    return state_metrics(recipe.run_dir / "state" / f"{stage}.json")
+    return state_metrics(state_path(recipe.run_dir, stage))
 
 
 def _is_hub_id(name: str) -> bool:
@@ -164,7 +165,7 @@ def export_merged(recipe: Recipe, out: Path, log: Echo) -> Path:
     tmp = fresh_tmp_dir(out.resolve())
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    resolved = recipe.run_dir / "adapter" / "recipe.toml"
+    resolved = recipe.run_dir / ADAPTER / "recipe.toml"
     if resolved.is_file():
         shutil.copy2(resolved, tmp / "recipe.toml")
     (tmp / "README.md").write_text(model_card(recipe, merged=True), encoding="utf-8")

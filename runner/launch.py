@@ -37,11 +37,9 @@ from runner.checkpoints import attempt_dir, newest_valid, step_of
 from runner.context import Context
 from runner.errors import Interrupted, RecipeError, StageError
 from runner.recipe import Recipe
+from runner.rundir import LAUNCH_DIR, LAUNCH_LOG, STOP_FILE
 from runner.state import write_json_atomic
 
-STOP_FILE = "train/stop-requested"
-LAUNCH_DIR = "logs/launch"
-LAUNCH_LOG = "logs/launch.log"
 STOP_GRACE_S = 600.0  # after the first signal, how long the workers get to reach a checkpoint
 
 
@@ -272,7 +270,7 @@ def run_train(ctx: Context) -> dict[str, Any]:
 def recorded_metrics(ctx: Context) -> dict[str, Any]:
     """What rank 0 recorded in the stage's state file while it ran (last checkpoint step)."""
     from runner.plan import state_path
-    from runner.state import state_metrics
+    from runner.rundir import state_metrics
 
     return state_metrics(state_path(ctx.run_dir, "train"))
 

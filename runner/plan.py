@@ -17,7 +17,21 @@ from runner.data.sources import dataset_identity
 from runner.data.templates import template_identity
 from runner.models.resolve import tokenizer_identity, weights_identity
 from runner.recipe import Recipe, flatten
-from runner.state import CorruptState, fingerprint, path_size, read_state
+from runner.rundir import (
+    ADAPTER,
+    COMPARE_ROWS,
+    COMPARE_TABLE,
+    FORMATTED,
+    LOAD_REPORT,
+    LOG_HISTORY,
+    REPORT,
+    TOKENIZED,
+    TRAIN_FINAL,
+    CorruptState,
+    read_state,
+    state_path,
+)
+from runner.state import fingerprint, path_size
 
 
 @dataclass(frozen=True)
@@ -39,7 +53,7 @@ STAGES: tuple[Stage, ...] = (
         reads=("recipe.seed", "dataset", "template"),
         ignores=("template.format",),  # how text becomes tokens: read by tokenize
         inputs=lambda r: {"dataset": dataset_identity(r), "templates": template_identity(r)},
-        outputs=("data/formatted",),
+        outputs=(FORMATTED,),
         libraries=("datasets", "jinja2"),
     ),
     Stage(
@@ -57,7 +71,7 @@ STAGES: tuple[Stage, ...] = (
         ignores=("tokenize.num_proc",),
         upstream=("format",),
         inputs=lambda r: {"tokenizer": tokenizer_identity(r)},
-        outputs=("data/tokenized",),
+        outputs=(TOKENIZED,),
         libraries=("datasets", "transformers", "tokenizers"),
     ),
     Stage(
@@ -65,7 +79,7 @@ STAGES: tuple[Stage, ...] = (
         "quantize_load",
         reads=("model", "quantization", "lora"),
         inputs=lambda r: {"model": weights_identity(r)},
-        outputs=("model/load.json",),
+        outputs=(LOAD_REPORT,),
         libraries=("torch", "transformers", "peft", "bitsandbytes"),
     ),
     Stage(
@@ -87,16 +101,16 @@ STAGES: tuple[Stage, ...] = (
             "train.on_changed_settings",
         ),
         upstream=("tokenize", "quantize-load"),
-        outputs=("train/final", "train/log_history.json"),
+        outputs=(TRAIN_FINAL, LOG_HISTORY),
         libraries=("torch", "transformers", "peft", "bitsandbytes", "accelerate"),
     ),
-    Stage("save", "save", reads=(), upstream=("train",), outputs=("adapter",), libraries=("peft",)),
+    Stage("save", "save", reads=(), upstream=("train",), outputs=(ADAPTER,), libraries=("peft",)),
     Stage(
         "compare",
         "compare",
         reads=("recipe.seed", "compare"),
         upstream=("save", "tokenize"),
-        outputs=("compare.md", "compare.jsonl", "report.html"),
+        outputs=(COMPARE_TABLE, COMPARE_ROWS, REPORT),
         libraries=("torch", "transformers", "peft", "bitsandbytes"),
     ),
 )
@@ -199,10 +213,6 @@ def explain(stored: dict[str, Any], current: StageStatus) -> list[str]:
         # what the file says it read gives today's fingerprint, not the one stored with it
         return ["stored fingerprint does not match its recorded params (state edited?)"]
     return ["fingerprint changed (runner version)"]
-
-
-def state_path(run_dir: Path, stage: str) -> Path:
-    return run_dir / "state" / f"{stage}.json"
 
 
 def compute_plan(recipe: Recipe) -> list[StageStatus]:

@@ -18,18 +18,20 @@ from typing import Any
 from runner.checkpoints import refuse_abandoning
 from runner.context import Context
 from runner.errors import Interrupted, RecipeError, StageError
-from runner.plan import STAGE_NAMES, StageStatus, compute_plan, state_path
+from runner.plan import STAGE_NAMES, StageStatus, compute_plan
 from runner.quiet import quiet_libraries
 from runner.recipe import Recipe
-from runner.state import (
-    OWNER_FILE,
+from runner.rundir import (
+    LOCK,
+    RESOLVED_RECIPE,
+    check_ownership,
     claim_run_dir,
-    describe_path,
-    is_disk_full,
+    error_log,
     new_state,
     run_lock,
-    write_json_atomic,
+    state_path,
 )
+from runner.state import is_disk_full, path_size, write_json_atomic, write_text_atomic
 
 
 def _now() -> str:
@@ -37,32 +39,7 @@ def _now() -> str:
 
 
 def write_resolved_recipe(recipe: Recipe) -> None:
-    path = recipe.run_dir / "recipe.resolved.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(recipe.to_toml(), encoding="utf-8")
-    tmp.replace(path)
-
-
-def check_ownership(recipe: Recipe, force: bool) -> None:
-    """Never run into the run directory of a different recipe without --force."""
-    marker = recipe.run_dir / OWNER_FILE
-    import json
-
-    if marker.is_file():
-        try:
-            owner = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            owner = {}
-        if not isinstance(owner, dict):  # edited by hand: as unreadable
-            owner = {}
-        if owner.get("name") != recipe.name and not force:
-            raise RecipeError(
-                f"{recipe.run_dir}: holds the runs of recipe {owner.get('name')!r}, "
-                f"not {recipe.name!r}; "
-                "set recipe.output_dir to another folder, or pass --force to reuse it"
-            )
-    write_json_atomic(marker, {"name": recipe.name, "recipe": str(recipe.path)})
+    write_text_atomic(recipe.run_dir / RESOLVED_RECIPE, recipe.to_toml())
 
 
 @contextmanager
@@ -93,10 +70,6 @@ def _record_line(ctx: Context, line: str) -> None:
     """A line the CLI prints itself (a failure) also goes to logs/run.log; best effort."""
     with contextlib.suppress(OSError):
         ctx.record(line)
-
-
-def error_log(run_dir: Path, stage: str) -> Path:
-    return run_dir / "logs" / f"{stage}.error.log"
 
 
 def _keep_traceback(ctx: Context, stage: str, reason: str) -> Path | None:
@@ -179,7 +152,7 @@ def run_stage(ctx: Context, st: StageStatus, *, reraise: bool = False) -> dict[s
                 f"finished without writing {ctx.run_dir / rel}; "
                 "this is a bug in the stage, please report it",
             )
-        outputs.append({"path": rel, **describe_path(ctx.run_dir / rel)})
+        outputs.append({"path": rel, "size": path_size(ctx.run_dir / rel)})
     state.update(
         status="done",
         ended=_now(),
@@ -195,7 +168,7 @@ def _unwritable(run_dir: Path) -> str | None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-        os.close(os.open(run_dir / ".lock", flags, 0o644))
+        os.close(os.open(run_dir / LOCK, flags, 0o644))
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return e.strerror or type(e).__name__

@@ -18,6 +18,7 @@ from typing import Any
 from runner.errors import RecipeError
 from runner.quiet import quiet_libraries
 from runner.recipe import Recipe
+from runner.rundir import ADAPTER
 
 Echo = Callable[[str], None]
 QUIT = ("/quit", "/exit")
@@ -32,7 +33,7 @@ def shown(path: Path) -> str:
 
 
 def adapter_dir(recipe: Recipe) -> Path:
-    return recipe.run_dir / "adapter"
+    return recipe.run_dir / ADAPTER
 
 
 def require_adapter(recipe: Recipe, *, base_hint: bool = False) -> Path:

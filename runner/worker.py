@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RecipeError, StageError
-from runner.state import CorruptState, read_state, write_json_atomic
+from runner.rundir import CorruptState, read_state
+from runner.state import write_json_atomic
 
 
 def rank_info() -> tuple[int, int]:

@@ -20,7 +20,8 @@ import pytest
 from runner.models.chatglm.tokenizer import CHATGLM3_SPECIAL_TOKENS
 from runner.plan import compute_plan, state_path
 from runner.recipe import load_recipe
-from runner.state import describe_path, new_state, write_json_atomic
+from runner.rundir import new_state
+from runner.state import path_size, write_json_atomic
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 CHATGLM3 = CHATGLM3_SPECIAL_TOKENS  # appended after the SentencePiece pieces, in id order
@@ -154,7 +155,7 @@ def mark_done(recipe_file: Path, overrides: tuple[str, ...] = ()) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             if not out.exists():
                 out.write_text("x")
-            outputs.append({"path": rel, **describe_path(out)})
+            outputs.append({"path": rel, "size": path_size(out)})
         write_json_atomic(
             state_path(recipe.run_dir, st.name),
             new_state(st.name)

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from runner.cli import cli
 from runner.errors import RecipeError
 from runner.recipe import load_recipe
-from runner.state import replace_dir, run_lock
+from runner.rundir import run_lock
+from runner.state import replace_dir
 
 ROWS = "".join(json.dumps({"q": f"q{i}", "a": f"a{i}"}) + "\n" for i in range(6))
 

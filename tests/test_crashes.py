@@ -250,6 +250,7 @@ def test_owner_record_that_is_not_an_object_is_not_a_crash(
     result = invoke("run", small_recipe, "--until", "format")
     assert result.exit_code == 2, result.output
     assert result.output.splitlines()[-1] == (
-        f"{run_dir_of(small_recipe)}: holds the runs of recipe None, not 'small'; set "
-        "recipe.output_dir to another folder, or pass --force to reuse it"
+        f"{run_dir_of(small_recipe)}: state/owner.json names no recipe (damaged or edited), so "
+        "the folder may hold another recipe's runs; pass --force to reuse it for 'small', or "
+        "set recipe.output_dir to another folder"
     )

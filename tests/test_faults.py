@@ -144,7 +144,7 @@ def resume(reference: tuple[Path, Outcome], run_dir: Path, step: int) -> str:
 
 
 def train_state(run_dir: Path) -> dict[str, Any]:
-    from runner.state import read_state
+    from runner.rundir import read_state
 
     state = read_state(run_dir / "state" / "train.json")
     assert state is not None

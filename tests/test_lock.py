@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from runner import lockfile
 from runner.cli import cli
+from runner.lockfile import apply_lock, check_lock, hub_commit, lock_path
 from runner.plan import compute_plan
-from runner.recipe import load_recipe, lockfile
-from runner.recipe.lockfile import apply_lock, check_lock, hub_commit, lock_path
+from runner.recipe import load_recipe
 from runner.state import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]

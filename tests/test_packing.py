@@ -15,8 +15,9 @@ import pytest
 from datakit import make_tokenizer, write_recipe
 
 from runner.data.chat import Encoder
+from runner.data.collate import IGNORE_INDEX
+from runner.data.tokenization import encode_batch
 from runner.recipe import load_recipe
-from runner.stages.tokenize import IGNORE, encode_batch
 
 torch = pytest.importorskip("torch")
 CFG = {"max_length": 64, "truncation": "cut_prompt", "train_on_prompt": False}
@@ -58,7 +59,7 @@ def test_packed_batch_layout(tmp_path: Path) -> None:
     assert batch["input_ids"].shape == (1, sum(lengths))
     assert "attention_mask" not in batch and batch["use_cache"] is False
     assert batch["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
-    expected = [t for r in examples for t in [IGNORE, *r["labels"][1:]]]
+    expected = [t for r in examples for t in [IGNORE_INDEX, *r["labels"][1:]]]
     assert batch["labels"][0].tolist() == expected
 
 
@@ -167,7 +168,7 @@ def test_packed_row_padded_to_a_multiple(tmp_path: Path) -> None:
         assert batch[key][0, :real].tolist() == plain[key][0].tolist()
     assert batch["position_ids"][0, real:].tolist() == list(range(length - real))
     assert batch["input_ids"][0, real:].tolist() == [tok.pad_token_id] * (length - real)
-    assert batch["labels"][0, real:].tolist() == [IGNORE] * (length - real)
+    assert batch["labels"][0, real:].tolist() == [IGNORE_INDEX] * (length - real)
     exact = collator(tmp_path, tok, True, f"train.pad_to_multiple_of={real}")(examples)
     assert exact["input_ids"].shape[1] == real  # already a multiple: no pad segment
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import json
 import re
 import struct
 from pathlib import Path
@@ -202,3 +203,62 @@ def test_report_files_get_the_usual_permissions_and_no_temp_file(tmp_path: Path)
     assert report.read_text() == "<p>two</p>"
     assert report.stat().st_mode & 0o777 == 0o644  # shareable, unlike mkstemp's 0600
     assert [p.name for p in report.parent.iterdir()] == ["report.html"]
+
+
+GOOD = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7}]
+
+
+@pytest.mark.parametrize(
+    ("history_text", "state_text", "curve", "train_line"),
+    [
+        (None, None, False, False),  # compare run before train wrote anything
+        ('{"loss": 1}', None, False, False),  # an object, not a list
+        ("[1, 2, null]", None, False, False),  # entries that are not objects
+        ('[{"step": "x", "loss": 1}, {"step": 1, "loss": "1.5"}]', None, False, False),
+        ('[{"step": 1, "loss": NaN}]', None, False, False),
+        ("[{half", None, False, False),
+        (None, "[1]", False, False),  # a state file that read_state refuses
+        (None, '{"metrics": {"global_step": 3}}', False, False),  # missing every other field
+        (json.dumps(GOOD), None, True, False),
+        (json.dumps([*GOOD, 7, {"step": True, "loss": 1}]), None, True, False),
+        (json.dumps(GOOD), "valid", True, True),
+    ],
+)
+def test_report_from_damaged_run_records(
+    small_recipe: Path,
+    history_text: str | None,
+    state_text: str | None,
+    curve: bool,
+    train_line: bool,
+) -> None:
+    """The report reads the log history and the train state through runner/rundir.py: whatever
+    a hand edit left there, the page is written, with the curve only where losses are."""
+    from runner.context import Context
+    from runner.stages.compare import report
+
+    recipe = load_recipe(small_recipe)
+    run_dir = recipe.run_dir
+    if history_text is not None:
+        (run_dir / "train").mkdir(parents=True)
+        (run_dir / "train" / "log_history.json").write_text(history_text, encoding="utf-8")
+    if state_text == "valid":
+        from runner.rundir import new_state
+        from runner.state import write_json_atomic
+
+        state = new_state("train") | {
+            "status": "done",
+            "fingerprint": "ab12",
+            **{k: {} for k in ("params", "inputs", "upstream", "libraries")},
+            "outputs": [],
+            "started": None,
+            "ended": None,
+            "metrics": {"global_step": 3, "train_loss": 1.25},
+        }
+        write_json_atomic(run_dir / "state" / "train.json", state)
+    elif state_text is not None:
+        (run_dir / "state").mkdir(parents=True)
+        (run_dir / "state" / "train.json").write_text(state_text, encoding="utf-8")
+    html = report(Context(recipe=recipe, run_dir=run_dir, echo=print), rows(), {})
+    assert ("data:image/png" in html) is curve
+    assert ("No loss was logged" in html) is not curve
+    assert ("global_step" in html) is train_line

@@ -12,16 +12,8 @@ from pathlib import Path
 import pytest
 
 from runner.errors import RecipeError
-from runner.state import (
-    CorruptState,
-    describe_path,
-    fingerprint,
-    is_disk_full,
-    new_state,
-    read_state,
-    run_lock,
-    write_json_atomic,
-)
+from runner.rundir import CorruptState, new_state, read_record, read_state, run_lock
+from runner.state import fingerprint, is_disk_full, path_size, write_json_atomic
 
 
 def _state() -> dict:
@@ -82,17 +74,41 @@ def test_state_round_trip(tmp_path: Path) -> None:
     assert read_state(tmp_path / "absent.json") is None
 
 
-def test_describe_folder_is_content_based(tmp_path: Path) -> None:
-    (tmp_path / "a").mkdir()
+def test_output_size_counts_a_folders_files(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "f.txt").write_text("one")
-    first = describe_path(tmp_path / "a")
-    (tmp_path / "a" / "f.txt").write_text("two")
-    assert describe_path(tmp_path / "a")["sha256"] != first["sha256"]
+    (tmp_path / "a" / "b" / "g.txt").write_text("four")
+    assert path_size(tmp_path / "a") == 7
+    assert path_size(tmp_path / "a" / "f.txt") == 3
+    assert path_size(tmp_path / "absent") is None
+
+
+def test_state_files_with_an_output_sha256_stay_readable(tmp_path: Path) -> None:
+    """Earlier versions recorded each output's sha256; it is no longer written, nor needed."""
+    path = tmp_path / "format.json"
+    old = _state() | {"outputs": [{"path": "data/formatted", "sha256": "ab" * 32, "size": 9}]}
+    write_json_atomic(path, old)
+    assert read_state(path) == old
+
+
+def test_read_record_is_none_for_anything_damaged(tmp_path: Path) -> None:
+    path = tmp_path / "owner.json"
+    assert read_record(path) is None  # absent
+    path.write_text('{"name": "a"}', encoding="utf-8")
+    assert read_record(path) == {"name": "a"}
+    assert read_record(path, list) is None  # an object where a list belongs
+    path.write_text("[1, 2]", encoding="utf-8")
+    assert read_record(path, list) == [1, 2]
+    assert read_record(path) is None
+    path.write_text("{half", encoding="utf-8")
+    assert read_record(path) is None
+    path.write_bytes(b"\xff\xfe")
+    assert read_record(path) is None
 
 
 def test_lock_refuses_a_live_holder(tmp_path: Path) -> None:
     hold = (
-        "import sys, time\nfrom pathlib import Path\nfrom runner.state import run_lock\n"
+        "import sys, time\nfrom pathlib import Path\nfrom runner.rundir import run_lock\n"
         "with run_lock(Path(sys.argv[1])):\n"
         "    print('locked', flush=True)\n    time.sleep(30)\n"
     )

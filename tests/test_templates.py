@@ -109,7 +109,7 @@ def test_syntax_error_names_the_line() -> None:
 
 
 def test_template_files_relative_to_the_recipe(tmp_path: Path) -> None:
-    from runner.stages.format import prepare
+    from runner.data.formatting import prepare
 
     (tmp_path / "templates").mkdir()
     (tmp_path / "templates" / "p.j2").write_text("Question: {{ q }}\n", encoding="utf-8")

@@ -13,9 +13,10 @@ from datakit import IM_TEMPLATE, make_tokenizer, write_recipe
 
 from runner.cli import cli
 from runner.data.chat import Encoder
+from runner.data.collate import IGNORE_INDEX
+from runner.data.tokenization import encode, encode_batch
 from runner.errors import RecipeError
 from runner.recipe import load_recipe
-from runner.stages.tokenize import IGNORE, encode, encode_batch
 
 pytest.importorskip("transformers")
 CFG = {"max_length": 64, "truncation": "cut_prompt", "train_on_prompt": False}
@@ -31,7 +32,7 @@ def one(encoder: Encoder, prompt: str, response: str, **cfg: Any) -> tuple[list[
 
 
 def trained(labels: list[int]) -> list[int]:
-    return [t for t in labels if t != IGNORE]
+    return [t for t in labels if t != IGNORE_INDEX]
 
 
 # -- truncation --------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ def trained(labels: list[int]) -> list[int]:
 def test_encode_without_truncation() -> None:
     assert encode([1, 5, 6], [7, 8, 2], 16, "cut_prompt", False) == (
         [1, 5, 6, 7, 8, 2],
-        [IGNORE, IGNORE, IGNORE, 7, 8, 2],
+        [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 7, 8, 2],
         False,
     )
     assert encode([1, 5, 6], [7, 8, 2], 16, "cut_prompt", True) == (
@@ -70,7 +71,11 @@ def test_long_response_is_cut_but_a_quarter_of_the_room_stays_prompt() -> None:
 
 def test_drop_policy() -> None:
     assert encode(list(range(10)), [7, 2], 8, "drop", False) is None
-    assert encode([1, 2], [7, 2], 8, "drop", False) == ([1, 2, 7, 2], [IGNORE, IGNORE, 7, 2], False)
+    assert encode([1, 2], [7, 2], 8, "drop", False) == (
+        [1, 2, 7, 2],
+        [IGNORE_INDEX, IGNORE_INDEX, 7, 2],
+        False,
+    )
 
 
 # -- formats -----------------------------------------------------------------------------------
@@ -83,7 +88,7 @@ def test_plain_format_masks_the_prompt_and_trains_response_and_eos() -> None:
     prompt = [tok.bos_token_id, *ids(tok, "Q: question 1\nA: ")]
     response = [*ids(tok, "answer 1"), tok.eos_token_id]
     assert input_ids == prompt + response
-    assert labels == [IGNORE] * len(prompt) + response
+    assert labels == [IGNORE_INDEX] * len(prompt) + response
     input_ids, labels = one(enc, "Q: question 1\nA: ", "answer 1", train_on_prompt=True)
     assert labels == input_ids
 
@@ -96,7 +101,7 @@ def test_chat_template_format_trains_only_the_assistant_turn() -> None:
         "<|im_start|>user\nquestion 3<|im_end|>\n<|im_start|>assistant\nanswer 3<|im_end|>\n</s>"
     )
     assert tok.decode(trained(labels)) == "answer 3<|im_end|>\n</s>"
-    assert labels[: len(input_ids) - len(trained(labels))] == [IGNORE] * (
+    assert labels[: len(input_ids) - len(trained(labels))] == [IGNORE_INDEX] * (
         len(input_ids) - len(trained(labels))
     )
     assert enc.prompt_ids(["question 3"]) == [input_ids[: len(input_ids) - len(trained(labels))]]
@@ -132,7 +137,7 @@ def test_chatglm3_format() -> None:
     ]
     reply = [*ids(tok, "\n"), *ids(tok, "answer 4"), tok.eos_token_id]
     assert input_ids == head + reply
-    assert labels == [IGNORE] * len(head) + reply
+    assert labels == [IGNORE_INDEX] * len(head) + reply
     assert tok.decode(input_ids) == "[gMASK]sop<|user|>\nquestion 4<|assistant|>\nanswer 4</s>"
     assert enc.prompt_ids(["question 4"]) == [head]
 
@@ -180,10 +185,10 @@ def test_padding_is_never_in_the_loss(tmp_path: Path, side: str) -> None:
     assert batch["attention_mask"][0].tolist() == [1] * short + [0] * (
         batch["input_ids"].shape[1] - short
     )
-    assert batch["labels"][0].tolist() == rows[0]["labels"] + [IGNORE] * (
+    assert batch["labels"][0].tolist() == rows[0]["labels"] + [IGNORE_INDEX] * (
         batch["labels"].shape[1] - short
     )
-    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
 
 
 def test_pad_equal_to_eos_keeps_the_eos_trained(tmp_path: Path) -> None:

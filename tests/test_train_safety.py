@@ -31,7 +31,8 @@ from runner.errors import RecipeError
 from runner.plan import STAGES, compute_plan
 from runner.progress import TrainProgress
 from runner.recipe import load_recipe
-from runner.state import OWNER_FILE, run_lock, write_json_atomic
+from runner.rundir import OWNER_FILE, run_lock
+from runner.state import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -278,7 +279,8 @@ def test_refuse_through_the_cli_exits_2_before_any_stage(small_recipe: Path) -> 
 def test_plan_names_the_checkpoint_on_disk(small_recipe: Path) -> None:
     """The state may lag the checkpoints (killed between the save and the state write)."""
     from runner.plan import state_path
-    from runner.state import new_state, write_json_atomic
+    from runner.rundir import new_state
+    from runner.state import write_json_atomic
 
     recipe, st = _train_status(small_recipe)
     fake_checkpoint(attempt_dir(recipe.run_dir, st.fingerprint), 4)
@@ -304,8 +306,9 @@ def test_cut_rng_state_plan_and_run_agree_on_the_previous_checkpoint(small_recip
     """A truncated rng_state.pth made every resume fail with OSError while the plan promised
     to resume from it: now the checkpoint is invalid for both, and the previous one is used."""
     from runner.plan import state_path
+    from runner.rundir import new_state
     from runner.stages.train import start_attempt
-    from runner.state import new_state, write_json_atomic
+    from runner.state import write_json_atomic
 
     recipe, st = _train_status(small_recipe)
     folder = attempt_dir(recipe.run_dir, st.fingerprint)
@@ -341,7 +344,7 @@ def test_cut_rng_state_plan_and_run_agree_on_the_previous_checkpoint(small_recip
 # ------------------------------------------------------------------------------ the run lock
 
 HOLD = (
-    "import sys, time\nfrom pathlib import Path\nfrom runner.state import run_lock\n"
+    "import sys, time\nfrom pathlib import Path\nfrom runner.rundir import run_lock\n"
     "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n"
 )
 

@@ -3,8 +3,8 @@
 A step of data-parallel training lasts as long as its slowest process. With packing, a process's
 work is its row's length: the tokens of the examples it drew. Drawn at random, 32 examples of
 the demo data make 4,500-5,700 tokens, and two processes often pad to different 512-token
-multiples; the faster one then waits at the gradient all-reduce (measured on 2 H200s: ~12% of
-every step, bench/profile_summary.py).
+multiples; the faster one then waits at the gradient all-reduce for a noticeable part of every
+step (figures: BENCHMARKS.md, "Measurements behind the code").
 
 `BalancedBatches` draws each step's examples for all processes together, in the random order
 the epoch's seed gives (the same on every process, so no communication), and deals them out so

@@ -38,7 +38,7 @@ from typing import Any
 
 from runner.recipe import Recipe
 
-IGNORE = -100
+IGNORE_INDEX = -100  # labels the loss skips: the prompt, padding (torch's and HF's default)
 PACKED_FLEX_MULTIPLE = 512
 
 
@@ -81,14 +81,14 @@ def make_collator(recipe: Recipe, tokenizer: Any) -> Any:
         return DataCollatorForSeq2Seq(
             tokenizer,
             padding="max_length",
-            label_pad_token_id=IGNORE,
+            label_pad_token_id=IGNORE_INDEX,
             max_length=recipe.get("tokenize.max_length"),
             pad_to_multiple_of=multiple if multiple > 1 else None,
         )
     return DataCollatorForSeq2Seq(
         tokenizer,
         padding=True,
-        label_pad_token_id=IGNORE,
+        label_pad_token_id=IGNORE_INDEX,
         pad_to_multiple_of=multiple if multiple > 1 else None,
     )
 
@@ -102,7 +102,7 @@ class Packed:
 
         self.pad_id = pad_id
         self.multiple = multiple
-        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 
     def __call__(self, features: list[dict[str, Any]]) -> Any:
         import torch
@@ -113,7 +113,7 @@ class Packed:
         if pad:
             fill = {
                 "input_ids": torch.full((1, pad), self.pad_id, dtype=batch["input_ids"].dtype),
-                "labels": torch.full((1, pad), IGNORE, dtype=batch["labels"].dtype),
+                "labels": torch.full((1, pad), IGNORE_INDEX, dtype=batch["labels"].dtype),
                 "position_ids": torch.arange(pad, dtype=batch["position_ids"].dtype)[None],
             }
             for key, tail in fill.items():
@@ -139,7 +139,11 @@ def real_token_mask(batch: dict[str, Any], pad_id: int, multiple: int) -> Any:
         return mask
     start = int(starts[-1])
     tail, labels = ids[0, start:], batch["labels"][0, start:]
-    if len(tail) < multiple and bool((tail == pad_id).all()) and bool((labels == IGNORE).all()):
+    if (
+        len(tail) < multiple
+        and bool((tail == pad_id).all())
+        and bool((labels == IGNORE_INDEX).all())
+    ):
         mask[0, start:] = 0
     return mask
 

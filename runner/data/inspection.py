@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from runner.data.collate import IGNORE_INDEX
 from runner.data.lint import format_warnings, tokenize_warnings
 from runner.recipe import Recipe
 
-IGNORE = -100
 TRAINED_STYLE = "bold green"
 MASKED_STYLE = "grey50"
 Segment = tuple[str, str | None]  # text, rich style (None: plain)
@@ -39,9 +39,9 @@ def label_segments(tok: Any, input_ids: list[int], labels: list[int]) -> list[tu
     runs: list[tuple[str, bool]] = []
     start = 0
     for i in range(1, len(input_ids) + 1):
-        if i == len(input_ids) or (labels[i] != IGNORE) != (labels[start] != IGNORE):
+        if i == len(input_ids) or (labels[i] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
             text = tok.decode(input_ids[start:i], skip_special_tokens=False)
-            runs.append((text.replace("\n", "\\n"), labels[start] != IGNORE))
+            runs.append((text.replace("\n", "\\n"), labels[start] != IGNORE_INDEX))
             start = i
     return runs
 
@@ -77,11 +77,11 @@ def inspect_recipe(
     import datasets
 
     from runner.data.chat import Encoder, template_literals
+    from runner.data.formatting import ROW, prepare
+    from runner.data.tokenization import encode_batch, tokenize_split, tokenizer_facts
     from runner.models.load import load_tokenizer
     from runner.models.resolve import materialize
     from runner.quiet import quiet_libraries
-    from runner.stages.format import ROW, prepare
-    from runner.stages.tokenize import encode_batch, tokenize_split, tokenizer_facts
 
     quiet_libraries()
     datasets.disable_progress_bars()
@@ -139,7 +139,7 @@ def inspect_recipe(
             ]
         )
     for i, ex in enumerate(examples, start=1):
-        trained = sum(1 for t in ex.labels if t != IGNORE)
+        trained = sum(1 for t in ex.labels if t != IGNORE_INDEX)
         state = (
             " · dropped (longer than max_length)"
             if ex.dropped

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from runner.data.collate import IGNORE_INDEX
 from runner.models.load import unwrapped
 from runner.recipe import Recipe
 
 CHUNK_ELEMENTS = 2**27  # logits per chunk: ~2k tokens at a 65k vocabulary (0.5 GB fp32)
 ONE_PASS_ELEMENTS = 2**29  # up to this many logits (~8k tokens at 65k), one pass, no recompute
-IGNORE = -100
 
 
 def chunk_tokens(vocab_size: int) -> int:
@@ -68,14 +68,14 @@ def chunked_causal_lm_loss(head: Any) -> Any:
 
     def chunk_sum(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, head.weight, head.bias).float()
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
     def loss_function(
         logits: torch.Tensor,
         labels: torch.Tensor,
         vocab_size: int,
         num_items_in_batch: torch.Tensor | int | None = None,
-        ignore_index: int = IGNORE,
+        ignore_index: int = IGNORE_INDEX,
         shift_labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
@@ -84,8 +84,8 @@ def chunked_causal_lm_loss(head: Any) -> Any:
             labels = F.pad(labels, (0, 1), value=ignore_index)
             shift_labels = labels[..., 1:]
         targets = shift_labels.reshape(-1).to(hidden.device)
-        if ignore_index != IGNORE:
-            targets = targets.masked_fill(targets == ignore_index, IGNORE)
+        if ignore_index != IGNORE_INDEX:
+            targets = targets.masked_fill(targets == ignore_index, IGNORE_INDEX)
         flat = hidden.reshape(-1, hidden.shape[-1])
         if not is_chunked(flat.shape[0], vocab_size):
             total = chunk_sum(flat, targets)
@@ -98,7 +98,7 @@ def chunked_causal_lm_loss(head: Any) -> Any:
                 else:
                     total = total + chunk_sum(h, t)
         if num_items_in_batch is None:
-            return total / (targets != IGNORE).sum()
+            return total / (targets != IGNORE_INDEX).sum()
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
         return total / num_items_in_batch

@@ -58,10 +58,9 @@ def compile_layers(model: Any) -> str:
     Under DDP, dynamo's DDP optimizer (on by default) splits every graph it compiles inside a
     DDP forward at gradient-bucket boundaries: meant for a whole-model compile, whose gradients
     otherwise all arrive at the end. Compiled layer by layer, the gradients already arrive layer
-    by layer for DDP's own hooks, and the split graphs left the GPU idle between their pieces:
-    146 ms of idle time inside the compiled layers over two profiled steps on 2 H200s, 17 ms in
-    one process (bench/profile_summary.py). So it is turned off: the layers compile to the
-    same graphs as in one process."""
+    by layer for DDP's own hooks, and the split graphs left the GPU idle between their pieces
+    (figures: BENCHMARKS.md, "Measurements behind the code"). So it is turned off: the layers
+    compile to the same graphs as in one process."""
     import torch._dynamo
 
     layers = repeated_layers(model)

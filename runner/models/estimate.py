@@ -44,17 +44,19 @@ from typing import Any
 from runner.data.collate import pad_multiple
 from runner.errors import RecipeError
 from runner.models.chunked_loss import chunk_tokens, chunking_wanted, is_chunked
+from runner.precision import Hardware
+from runner.precision import for_recipe as resolve_precision
 from runner.recipe import Recipe
-from runner.state import state_metrics
+from runner.rundir import state_metrics, state_path
 
 GiB = float(2**30)
 _PAGED_MIN = 100_000  # bitsandbytes pages state buffers from this many elements on (GPU only)
 _STATE8_MIN = 4096  # 8-bit optimizers keep 32-bit state for smaller tensors
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Memory the framework itself takes on the CPU once training runs, beyond the tensors: torch's
-# thread pools and kernel scratch, the trainer's data loading. Measured with the tiny model
-# (bench/memory.py: resident memory above the live tensors, about 40-55 MiB); it does not grow
-# with the model. On a GPU the same lives in host memory, outside the device figure.
+# thread pools and kernel scratch, the trainer's data loading: bench/memory.py's figure with the
+# tiny model (BENCHMARKS.md, "Measurements behind the code"); it does not grow with the model.
+# On a GPU the same lives in host memory, outside the device figure.
 _CPU_RUNTIME = 48 * 2**20
 
 
@@ -257,17 +259,8 @@ def meta_model(recipe: Recipe, config: Any, dtype: Any) -> Any:
 def precision_for(recipe: Recipe, cuda: bool, bf16_ok: bool) -> Precision:
     q = recipe.section("quantization")
     quantized = "4bit" if q["load_in_4bit"] else "8bit" if q["load_in_8bit"] else "none"
-    compute = q["bnb_4bit_compute_dtype"]
-    if compute == "auto":
-        compute = ("bfloat16" if bf16_ok else "float16") if cuda else "float32"
-    upcast_setting = q.get("upcast_to_fp32", True)
-    upcast = compute != "bfloat16" if upcast_setting == "auto" else bool(upcast_setting)
-    train = recipe.section("train")
-    bf16 = train["bf16"]
-    if bf16 == "auto":
-        bf16 = cuda and bf16_ok
-    autocast = "bf16" if bf16 else "fp16" if train["fp16"] else None
-    return Precision("cuda" if cuda else "cpu", compute, quantized, upcast, autocast)
+    p = resolve_precision(recipe, Hardware(cuda, bf16_ok))
+    return Precision(p.device, p.compute, quantized, p.upcast, p.autocast)
 
 
 def tokens_for(recipe: Recipe, cuda: bool) -> Tokens:
@@ -277,7 +270,7 @@ def tokens_for(recipe: Recipe, cuda: bool) -> Tokens:
     max_length = int(recipe.get("tokenize.max_length"))
     lengths: dict[str, Any] = {}
     try:
-        metrics = state_metrics(recipe.run_dir / "state" / "tokenize.json")
+        metrics = state_metrics(state_path(recipe.run_dir, "tokenize"))
         lengths = (metrics.get("train") or {}).get("length") or {}
     except AttributeError:
         lengths = {}

@@ -1,12 +1,12 @@
 """FSDP-QLoRA: make peft see the adapter's state-dict keys under FSDP's nested wrappers.
 
-peft 0.21 picks the adapter's entries out of a state dict by module-name prefixes it derives from
+peft picks the adapter's entries out of a state dict by module-name prefixes it derives from
 `model.named_modules()`, and strips only a *leading* `_fsdp_wrapped_module.` from those names.
 FSDP with peft's auto-wrap policy nests wrappers (every decoder layer and every LoRA leaf is a unit
 of its own), so the names keep inner `_fsdp_wrapped_module.` segments while FSDP's state dicts use
-clean names. Nothing matches: the final adapter file holds no tensors (measured on an H200: 336
-LoRA tensors in the gathered state dict, 0 in the saved adapter, 40 bytes; 24 of 24 with this
-fix), and the Trainer's adapter-only sharded checkpoints go through the same filter.
+clean names. Nothing matches: the final adapter file holds no tensors, and the Trainer's
+adapter-only sharded checkpoints go through the same filter. The versions this was found with
+are in docs/compatibility.md, the figures in BENCHMARKS.md ("Measurements behind the code").
 
 `clean_fsdp_prefixes()` wraps peft's prefix function so the prefixes lose every such segment; the
 matching, the adapter-name handling and the file format stay peft's. It is applied only when FSDP
@@ -16,14 +16,14 @@ Loading a sharded checkpoint back has a problem of its own: accelerate reads the
 and hands them to peft's `set_peft_model_state_dict`, which keeps the `base_model.model.` prefix
 only if some `named_parameters()` name starts with it. Outside `summon_full_params` FSDP's names
 start with `_fsdp_wrapped_module.`, so peft strips the prefix and `load_state_dict(strict=False)`
-matches nothing: the resumed run trained on from the initial LoRA weights (measured on an H200).
+matches nothing: the resumed run trained on from the initial LoRA weights.
 `load_sharded_adapter()` loads them again after the Trainer's resume, placing each saved key
 by the model's own state-dict keys (`adapter_key_map()`), and fails when any key has no place.
 
-The optimizer state misses too: accelerate (1.15) reads it into a template made from the
-optimizer's current state, and before the first step Adam has none, so nothing is read and the
-resumed run restarts Adam's moments (measured on an H200: the loss of the first step after the
-resume matched the uninterrupted run's, the next one did not). `load_sharded_optimizer()` creates
+The optimizer state misses too: accelerate reads it into a template made from the optimizer's
+current state, and before the first step Adam has none, so nothing is read and the resumed run
+restarts Adam's moments (the loss of the first step after the resume matches the uninterrupted
+run's, the next one does not). `load_sharded_optimizer()` creates
 the state first (`create_optimizer_state()`) so that the template holds every moment.
 """
 

@@ -12,6 +12,7 @@ from runner.models.chatglm.names import (
     GLM_TO_CHATGLM_TARGETS,
     translate_target_modules_to_chatglm,
 )
+from runner.precision import for_recipe, probe
 from runner.recipe import Recipe
 
 
@@ -33,12 +34,7 @@ def device_map() -> Any:
 def compute_dtype(recipe: Recipe) -> Any:
     import torch
 
-    name = recipe.get("quantization.bnb_4bit_compute_dtype")
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, name)
+    return getattr(torch, for_recipe(recipe).compute)
 
 
 def quantization_config(recipe: Recipe) -> Any:
@@ -290,10 +286,8 @@ def precision_problems(recipe: Recipe, cuda: bool, bf16_ok: bool) -> list[str]:
 
 def hardware() -> tuple[bool, bool]:
     """(CUDA available, bf16 supported on it)."""
-    import torch
-
-    cuda = bool(torch.cuda.is_available())
-    return cuda, bool(cuda and torch.cuda.is_bf16_supported())
+    hw = probe()
+    return hw.cuda, hw.bf16
 
 
 def lora_config(
@@ -320,12 +314,7 @@ def lora_config(
 
 def upcast_to_fp32(recipe: Recipe) -> bool:
     """peft's fp32 upcast of unquantized layers: on unless the compute dtype is bf16 (auto)."""
-    import torch
-
-    setting = recipe.get("quantization.upcast_to_fp32")
-    if setting == "auto":
-        return bool(compute_dtype(recipe) != torch.bfloat16)
-    return bool(setting)
+    return for_recipe(recipe).upcast
 
 
 def load_for_training(recipe: Recipe, folder: Path) -> tuple[Any, dict[str, Any]]:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from runner.state import fresh_tmp_dir, replace_dir
 
 if TYPE_CHECKING:
     import torch
@@ -224,16 +225,9 @@ def pretrain(
 
 def _save_atomically(out_dir: Path, save: Callable[[Path], None]) -> None:
     """Write into a temp sibling, then swap it into place."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    old = out_dir.with_name(out_dir.name + ".old")
-    for path in (tmp, old):
-        shutil.rmtree(path, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_tmp_dir(out_dir)
     save(tmp)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out_dir)
 
 
 def build_tiny_model(

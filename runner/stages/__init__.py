@@ -3,9 +3,8 @@
 Importing this package (which every stage's import does, before anything imports torch) sets
 PyTorch's CUDA caching allocator to expandable segments unless the environment chose allocator
 settings already: training on packed rows of varying length otherwise fragments GPU memory
-(bench/gpu.py measured 21.5 GiB reserved for 8.8 GiB allocated). Only a variable is set, read
-by torch when it loads; torch >= 2.9 names it PYTORCH_ALLOC_CONF (and warns about the old
-PYTORCH_CUDA_ALLOC_CONF), earlier versions know only the old name.
+(figures: BENCHMARKS.md, "Measurements behind the code"). Only a variable is set, read by torch
+when it loads; its name depends on torch's version (docs/compatibility.md).
 """
 
 import os

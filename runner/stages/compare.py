@@ -7,8 +7,22 @@ import math
 from typing import Any
 
 from runner.context import Context
+from runner.data.collate import IGNORE_INDEX
 from runner.report.metrics import scores, summary
 from runner.report.table import markdown
+from runner.rundir import (
+    ADAPTER,
+    COMPARE_ROWS,
+    COMPARE_TABLE,
+    FORMATTED,
+    LOG_HISTORY,
+    REPORT,
+    RESOLVED_RECIPE,
+    TOKENIZED,
+    read_record,
+    state_metrics,
+    state_path,
+)
 from runner.state import write_text_atomic
 
 HELDOUT_LOSS_ROWS = 64
@@ -21,7 +35,7 @@ def prompts(ctx: Context) -> list[dict[str, Any]]:
     from runner.data.templates import Renderer, template_sources
 
     cfg = ctx.recipe.section("compare")
-    heldout = load_from_disk(str(ctx.path("data/formatted")), keep_in_memory=True)["heldout"]
+    heldout = load_from_disk(str(ctx.path(FORMATTED)), keep_in_memory=True)["heldout"]
     rows = [
         {"prompt": p, "reference": r}
         for p, r in zip(
@@ -52,12 +66,12 @@ def heldout_loss(model: Any, tok: Any, ctx: Context) -> float | None:
     from datasets import load_from_disk
     from transformers import DataCollatorForSeq2Seq
 
-    data = load_from_disk(str(ctx.path("data/tokenized")), keep_in_memory=True)["heldout"]
+    data = load_from_disk(str(ctx.path(TOKENIZED)), keep_in_memory=True)["heldout"]
     n = min(len(data), HELDOUT_LOSS_ROWS)
     if n == 0:
         return None
     tok.padding_side = "right"
-    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, n, 8):
@@ -70,11 +84,11 @@ def heldout_loss(model: Any, tok: Any, ctx: Context) -> float | None:
             losses = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                 labels.reshape(-1),
-                ignore_index=-100,
+                ignore_index=IGNORE_INDEX,
                 reduction="sum",
             )
             total += float(losses)
-            count += int((labels != -100).sum())
+            count += int((labels != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
 
@@ -89,7 +103,7 @@ def run(ctx: Context) -> dict[str, Any]:
     cfg = recipe.section("compare")
     folder = materialize(recipe, ctx.log)
     tok = load_tokenizer(folder)
-    model = PeftModel.from_pretrained(load_base(recipe, folder), str(ctx.path("adapter")))
+    model = PeftModel.from_pretrained(load_base(recipe, folder), str(ctx.path(ADAPTER)))
     model.eval()
     encoder = prompt_encoder(recipe, tok)  # prompts encoded exactly as the tokenize stage does
     rows = prompts(ctx)
@@ -113,37 +127,45 @@ def run(ctx: Context) -> dict[str, Any]:
             "after_ppl": round(math.exp(min(loss_after, 50)), 2),
         }
     write_text_atomic(
-        ctx.path("compare.jsonl"),
+        ctx.path(COMPARE_ROWS),
         "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows),
     )
-    write_text_atomic(ctx.path("compare.md"), markdown(rows, result))
-    write_text_atomic(ctx.path("report.html"), report(ctx, rows, result))
+    write_text_atomic(ctx.path(COMPARE_TABLE), markdown(rows, result))
+    write_text_atomic(ctx.path(REPORT), report(ctx, rows, result))
     ctx.log(
         f"compare: {len(rows)} prompts; before {result.get('before')} "
-        f"after {result.get('after')}; report {ctx.path('report.html')}"
+        f"after {result.get('after')}; report {ctx.path(REPORT)}"
     )
     return result
+
+
+def logged_losses(history: list[Any]) -> list[dict[str, Any]]:
+    """The log history's entries the loss curve can draw: a hand-edited or damaged file draws
+    what is left of it instead of failing the stage at its last step."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    return [
+        {k: e[k] for k in ("step", "loss", "eval_loss") if k in e and number(e[k])}
+        for e in history
+        if isinstance(e, dict) and number(e.get("step"))
+    ]
 
 
 def report(ctx: Context, rows: list[dict[str, Any]], result: dict[str, Any]) -> str:
     """report.html: the recipe, the loss curve from train/log_history.json, metrics, examples."""
     from runner.report.html import recipe_summary, render
 
-    def read_json(rel: str) -> Any:
-        try:
-            return json.loads(ctx.path(rel).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-
-    history = read_json("train/log_history.json")
-    train_state = read_json("state/train.json")
-    resolved = ctx.path("recipe.resolved.toml")
+    history = logged_losses(read_record(ctx.path(LOG_HISTORY), list) or [])
+    train = state_path(ctx.run_dir, "train")
+    resolved = ctx.path(RESOLVED_RECIPE)
     return render(
         title=f"{ctx.recipe.name}: fine-tuning report",
         summary_pairs=recipe_summary(ctx.recipe.data),
         rows=rows,
         summary=result,
-        history=history if isinstance(history, list) else [],
+        history=history,
         resolved_toml=resolved.read_text(encoding="utf-8") if resolved.is_file() else None,
-        train_metrics=(train_state or {}).get("metrics") if isinstance(train_state, dict) else None,
+        train_metrics=state_metrics(train) if train.is_file() else None,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from runner.context import Context
+from runner.rundir import LOAD_REPORT
 from runner.state import write_json_atomic
 
 
@@ -28,7 +29,7 @@ def run(ctx: Context) -> dict[str, Any]:
         model, report = load_for_training(ctx.recipe, folder)
         ctx.memo["model"] = model  # train reuses it when it runs in the same process
     report["model_folder"] = str(folder)
-    write_json_atomic(ctx.path("model/load.json"), report)
+    write_json_atomic(ctx.path(LOAD_REPORT), report)
     targets = report["target_modules"]
     ctx.log(
         f"quantize-load: {report['adapted_modules']} modules adapted "

@@ -6,8 +6,9 @@ import shutil
 from typing import Any
 
 from runner.context import Context
-from runner.plan import STAGE_NAMES, state_path
-from runner.state import fresh_tmp_dir, replace_dir, state_metrics, write_json_atomic
+from runner.plan import STAGE_NAMES
+from runner.rundir import ADAPTER, RESOLVED_RECIPE, TRAIN_FINAL, state_metrics, state_path
+from runner.state import fresh_tmp_dir, replace_dir, write_json_atomic
 
 
 def collected_metrics(ctx: Context) -> dict[str, Any]:
@@ -24,13 +25,13 @@ def run(ctx: Context) -> dict[str, Any]:
     from runner.models.resolve import materialize
 
     recipe = ctx.recipe
-    final = ctx.path("adapter")
+    final = ctx.path(ADAPTER)
     tmp = fresh_tmp_dir(final)
-    shutil.copytree(ctx.path("train/final"), tmp, dirs_exist_ok=True)
+    shutil.copytree(ctx.path(TRAIN_FINAL), tmp, dirs_exist_ok=True)
     for junk in ("training_args.bin",):
         (tmp / junk).unlink(missing_ok=True)
     load_tokenizer(materialize(recipe, ctx.log)).save_pretrained(str(tmp))
-    shutil.copy2(ctx.path("recipe.resolved.toml"), tmp / "recipe.toml")
+    shutil.copy2(ctx.path(RESOLVED_RECIPE), tmp / "recipe.toml")
     metrics = collected_metrics(ctx)
     write_json_atomic(tmp / "metrics.json", metrics)
     base = recipe.get("model.name_or_path")

@@ -28,7 +28,9 @@ from runner.checkpoints import (
 from runner.context import Context
 from runner.errors import Interrupted, RecipeError, StageError
 from runner.launch import STOP_FILE
+from runner.precision import for_recipe
 from runner.progress import TrainProgress
+from runner.rundir import LOG_HISTORY, LOGS, TENSORBOARD, TOKENIZED, TRAIN_FINAL
 from runner.state import is_disk_full, path_size, write_json_atomic
 from runner.throughput import Meter, count_when_trained, counting, pause_during_evaluation
 
@@ -80,18 +82,16 @@ def training_arguments(ctx: Context, output_dir: str) -> Any:
 
     recipe = ctx.recipe
     cfg = recipe.section("train")
-    bf16 = cfg["bf16"]
-    if bf16 == "auto":
-        bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    precision = for_recipe(recipe)  # runner/precision.py: what the plan printed
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     kwargs = {k: cfg[k] for k in PASSTHROUGH} | versioned_arguments(cfg, fields)
     if ctx.world_size > 1:  # LoRA on every target layer: each trainable parameter gets a grad
         kwargs["ddp_find_unused_parameters"] = False
         kwargs["ddp_broadcast_buffers"] = False  # constant buffers (rotary): no sync per step
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.path("logs/tensorboard"))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.path(TENSORBOARD))
     args = TrainingArguments(
         output_dir=output_dir,
-        bf16=bf16,
+        bf16=precision.bf16,
         seed=recipe.seed,
         data_seed=recipe.seed,
         report_to=[] if cfg["report_to"] == "none" else [cfg["report_to"]],
@@ -301,7 +301,7 @@ def reuse_last_checkpoint(
     history = trainer.state.log_history
     if ctx.is_main:
         write_attempt(out_dir, {**(read_attempt(out_dir) or {}), "finished": True})
-        write_json_atomic(ctx.path("train/log_history.json"), history)
+        write_json_atomic(ctx.path(LOG_HISTORY), history)
     losses = [h["loss"] for h in history if "loss" in h]
     return {
         "global_step": trainer.state.global_step,
@@ -396,7 +396,7 @@ def sharded_resume_hook(ctx: Context, trainer: Any, checkpoint: Path) -> Any:
 def save_final(ctx: Context, trainer: Any, fsdp: bool) -> None:
     """The adapter, by every rank (FSDP gathers the shards); written by rank 0, which checks
     under FSDP that the file holds tensors (peft filters the gathered state dict by name)."""
-    folder = ctx.path("train/final")
+    folder = ctx.path(TRAIN_FINAL)
     if fsdp:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(folder))
@@ -456,7 +456,7 @@ def run(ctx: Context) -> dict[str, Any]:
     if chunking_wanted(recipe, cuda):
         ctx.log(f"train: {chunk_the_loss(model)}")
     resume = ctx.memo.pop("resume") if "resume" in ctx.memo else start_attempt(ctx, out_dir)
-    data = load_from_disk(str(ctx.path("data/tokenized")), keep_in_memory=True)
+    data = load_from_disk(str(ctx.path(TOKENIZED)), keep_in_memory=True)
     collator = make_collator(recipe, tok)
     cfg = recipe.section("train")
     flag, restore = interrupt_flag() if ctx.world_size == 1 else ({"stop": False}, lambda: None)
@@ -491,7 +491,7 @@ def run(ctx: Context) -> dict[str, Any]:
         lambda: flag["stop"] or ctx.path(STOP_FILE).exists(),
     ):
         trainer.callback_handler.callbacks.insert(0, hook)
-    for hook in profiling.trainer_hooks(ctx.path("logs"), ctx.rank):  # benchmarks only
+    for hook in profiling.trainer_hooks(ctx.path(LOGS), ctx.rank):  # benchmarks only
         trainer.add_callback(hook)
     if cfg["eval_steps"]:
         keep_training_layout(model)
@@ -527,7 +527,7 @@ def run(ctx: Context) -> dict[str, Any]:
     history = trainer.state.log_history
     if ctx.is_main:
         write_attempt(out_dir, {**(read_attempt(out_dir) or {}), "finished": True})
-        write_json_atomic(ctx.path("train/log_history.json"), history)
+        write_json_atomic(ctx.path(LOG_HISTORY), history)
     losses = [h["loss"] for h in history if "loss" in h]
     tokens = sum(len(x) for x in data["train"]["input_ids"])
     metrics = {

@@ -4,13 +4,13 @@ unpickling code, safetensors (which refuse shared storage), folders that appear 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from runner.state import replace_dir
 
 if TYPE_CHECKING:
     import torch
@@ -96,10 +96,4 @@ class AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        old: Path | None = None
-        if self.dst.exists():
-            old = self.dst.with_name(f".{self.dst.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(self.dst, old)
-        os.replace(self.tmp, self.dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.tmp, self.dst)  # the runner's one folder swap (runner/state.py)

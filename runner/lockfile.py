@@ -18,17 +18,19 @@ Imports no torch.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from runner.data.sources import dataset_identity
+from runner.data.templates import template_identity
 from runner.errors import RecipeError
-from runner.recipe.model import Recipe, flatten
+from runner.models.resolve import model_identity
+from runner.recipe import Recipe, flatten
+from runner.state import fingerprint, write_text_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -89,10 +91,6 @@ def _commit(recipe: Recipe, kind: str, repo_id: str, revision: str) -> str:
 
 def current_lock(recipe: Recipe, resolve_hub: bool) -> dict[str, Any]:
     """What the lock records for `recipe` now; hub commits only when `resolve_hub`."""
-    from runner.data.sources import dataset_identity
-    from runner.data.templates import template_identity
-    from runner.models.resolve import model_identity
-    from runner.state import fingerprint
 
     name = recipe.get("model.name_or_path")
     ident = model_identity(recipe)
@@ -136,14 +134,7 @@ def write_lock(recipe: Recipe, recipe_file: Path) -> Path:
         "# and data sets at the commits below. Re-run `recipe lock` to accept a change.\n\n"
         + tomli_w.dumps(lock)
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
     return path
 
 
