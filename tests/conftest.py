@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from datakit import session_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +44,9 @@ def small_recipe(tmp_path: Path) -> Path:
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(SMALL_RECIPE.format(run_dir=tmp_path / "run"), encoding="utf-8")
     return recipe
+
+
+@pytest.fixture(scope="session")
+def recipe_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The session's model cache (datakit.session_cache): each tiny model is built once."""
+    return session_cache(tmp_path_factory)

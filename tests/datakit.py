@@ -200,16 +200,24 @@ def chatglm_config(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The model cache of the whole test session: RECIPE_TEST_CACHE or RECIPE_CACHE when set,
+    else one folder under the session's base temp dir, so that each tiny model is built once per
+    session (a build of the demo's is about a minute and a half) whichever test needs it first."""
+    chosen = os.environ.get("RECIPE_TEST_CACHE") or os.environ.get("RECIPE_CACHE")
+    if chosen:
+        return chosen
+    cache = tmp_path_factory.getbasetemp() / "recipe-cache"
+    cache.mkdir(exist_ok=True)
+    return str(cache)
+
+
 @contextmanager
 def run_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The environment of `recipe run`s in and out of this process: a model cache shared by the
-    test session (RECIPE_TEST_CACHE or RECIPE_CACHE, else a fresh one), one OpenMP thread, no
+    test session (session_cache), one OpenMP thread, no
     fault armed. Yields the environment for subprocesses."""
-    cache = (
-        os.environ.get("RECIPE_TEST_CACHE")
-        or os.environ.get("RECIPE_CACHE")
-        or str(tmp_path_factory.mktemp("recipe-cache"))
-    )
+    cache = session_cache(tmp_path_factory)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RECIPE_CACHE", cache)  # for the runs in this process
         mp.setenv("OMP_NUM_THREADS", "1")
@@ -218,10 +226,14 @@ def run_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         yield dict(os.environ, PYTHONUNBUFFERED="1")
 
 
+# `recipe` from this checkout (not whichever is installed), with this interpreter
+RECIPE_ARGV = [sys.executable, "-c", "from runner.cli import main; main()"]
+
+
 def recipe_process(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """`recipe ARGS...` as a real process from the checkout, output captured."""
     return subprocess.run(
-        [sys.executable, "-c", "from runner.cli import main; main()", *args],
+        [*RECIPE_ARGV, *args],
         cwd=Path(__file__).resolve().parents[1],
         env=env,
         capture_output=True,

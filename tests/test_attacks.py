@@ -84,11 +84,9 @@ def contains_secret(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return (
-        os.environ.get("RECIPE_TEST_CACHE")
-        or os.environ.get("RECIPE_CACHE")
-        or str(tmp_path_factory.mktemp("attack-cache"))
-    )
+    from datakit import session_cache
+
+    return session_cache(tmp_path_factory)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

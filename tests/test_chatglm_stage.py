@@ -6,7 +6,6 @@ exactly. Everything is built here in tmp_path."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ pytest.importorskip("peft")
 spm = pytest.importorskip("sentencepiece")
 
 from datakit import chatglm_config as tiny_chatglm_config  # noqa: E402
-from datakit import recipe_process  # noqa: E402
 
 from runner.cli import cli  # noqa: E402
 from runner.recipe import load_recipe  # noqa: E402
@@ -169,9 +167,9 @@ def test_chatglm_checkpoint_trains_and_exports_to_chatglm_names(
     from runner.models.chatglm.adapters import convert_adapter_dir
 
     recipe = write_recipe(tmp_path, chatglm, CHATGLM_NAMES)
-    env = dict(os.environ, RECIPE_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
-    done = recipe_process("run", str(recipe), "--set", "train.max_steps=3", env=env)
-    assert done.returncode == 0, done.stdout + done.stderr
+    runner = CliRunner(env={"RECIPE_CACHE": str(tmp_path / "cache")})
+    done = runner.invoke(cli, ["run", str(recipe), "--set", "train.max_steps=3"])
+    assert done.exit_code == 0, done.output
     assert "converting ChatGLM checkpoint" in done.stdout
     run = tmp_path / "run"
     load_report = json.loads((run / "model" / "load.json").read_text())
@@ -182,9 +180,7 @@ def test_chatglm_checkpoint_trains_and_exports_to_chatglm_names(
     assert json.loads((run / "state" / "train.json").read_text())["metrics"]["global_step"] == 3
 
     out = tmp_path / "chatglm-adapter"
-    exported = CliRunner(env={"RECIPE_CACHE": str(tmp_path / "cache")}).invoke(
-        cli, ["export", str(recipe), "--chatglm-adapter", str(out)]
-    )
+    exported = runner.invoke(cli, ["export", str(recipe), "--chatglm-adapter", str(out)])
     assert exported.exit_code == 0, exported.output
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == sorted(CHATGLM_NAMES)
@@ -217,7 +213,6 @@ def test_chatglm_checkpoint_trains_and_exports_to_chatglm_names(
     assert float((got - expected).abs().max()) < 1e-4
 
     # plan --model speaks ChatGLM3 names and refuses native ones for this checkpoint
-    runner = CliRunner(env={"RECIPE_CACHE": str(tmp_path / "cache")})
     shown = runner.invoke(cli, ["plan", str(recipe), "--model"])
     assert shown.exit_code == 0, shown.output
     assert (

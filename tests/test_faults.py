@@ -17,7 +17,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from datakit import run_env
+from datakit import RECIPE_ARGV, run_env
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -58,7 +57,7 @@ def here(command: str, run_dir: Path, *extra: str) -> Result:
 
 def process(run_dir: Path, env: dict[str, str], fault: str) -> tuple[int, int, str]:
     """`recipe run` as a real process with a fault armed: its pid, exit status and stderr."""
-    cmd = [sys.executable, "-c", "from runner.cli import main; main()", *args("run", run_dir)]
+    cmd = [*RECIPE_ARGV, *args("run", run_dir)]
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -220,7 +219,7 @@ def start_paused(run_dir: Path, env: dict[str, str], step: int) -> subprocess.Po
     """A `recipe run` that waits after `step` for a signal."""
     from runner.faults import PAUSED_MARKER
 
-    cmd = [sys.executable, "-c", "from runner.cli import main; main()", *args("run", run_dir)]
+    cmd = [*RECIPE_ARGV, *args("run", run_dir)]
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -264,7 +263,7 @@ def test_second_run_is_refused_and_sigterm_stops_the_first(
 ) -> None:
     proc = start_paused(fresh, env, 3)
     try:
-        cmd = [sys.executable, "-c", "from runner.cli import main; main()", *args("run", fresh)]
+        cmd = [*RECIPE_ARGV, *args("run", fresh)]
         second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     finally:
         os.kill(proc.pid, signal.SIGTERM)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from datakit import make_tokenizer, qa_rows, write_jsonl, write_recipe
+from datakit import RECIPE_ARGV, make_tokenizer, qa_rows, write_jsonl, write_recipe
 
 from runner.cli import cli
 from runner.data.lint import tokenize_warnings
@@ -153,18 +152,11 @@ def test_colours_on_a_terminal(
 
 
 @pytest.mark.slow
-def test_inspect_the_shipped_demo_recipe(tmp_path: Path) -> None:
+def test_inspect_the_shipped_demo_recipe(tmp_path: Path, recipe_cache: str) -> None:
     """On a fresh clone: builds the tiny model if needed, shows the masks."""
-    env = dict(
-        os.environ,
-        RECIPE_CACHE=os.environ.get("RECIPE_TEST_CACHE")
-        or os.environ.get("RECIPE_CACHE")
-        or str(tmp_path / "cache"),
-    )
+    env = dict(os.environ, RECIPE_CACHE=recipe_cache)
     cmd = [
-        sys.executable,
-        "-c",
-        "from runner.cli import main; main()",
+        *RECIPE_ARGV,
         "inspect",
         str(ROOT / "recipes" / "adgen-tiny.toml"),
         "-n",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from runner.cli import cli
@@ -45,10 +46,15 @@ def test_ddp_command_runs_the_worker_module_through_accelerate() -> None:
     assert "--num_cpu_threads_per_process" not in f
 
 
-def test_cpu_processes_share_the_cores() -> None:
-    recipe = load_recipe(TINY, ["launch.num_processes=2"])
+@pytest.mark.parametrize(("cores", "processes", "threads"), [(8, 2, "4"), (7, 2, "3"), (2, 4, "1")])
+def test_cpu_processes_share_the_cores(
+    monkeypatch: pytest.MonkeyPatch, cores: int, processes: int, threads: str
+) -> None:
+    """Each process gets its share of the cores, at least one, never the whole machine."""
+    monkeypatch.setattr("runner.launch.os.cpu_count", lambda: cores)
+    recipe = load_recipe(TINY, [f"launch.num_processes={processes}"])
     f = flags(accelerate_command(recipe, SPEC, cuda=False))
-    assert int(f["--num_cpu_threads_per_process"]) >= 1
+    assert f["--num_cpu_threads_per_process"] == threads
 
 
 def test_fsdp_command_is_fsdp_qlora() -> None:

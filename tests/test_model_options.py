@@ -393,6 +393,7 @@ def test_chunked_loss_caps_the_logits_in_the_estimate(
     from runner.models.estimate import Tokens, plan_model
 
     vocab = json.loads((glm / "config.json").read_text())["vocab_size"]
+    assert vocab == 96  # the numbers below are worked out for this vocabulary
     monkeypatch.setattr(chunked_loss, "ONE_PASS_ELEMENTS", vocab * 150)
     monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", vocab * 50)
 
@@ -403,8 +404,13 @@ def test_chunked_loss_caps_the_logits_in_the_estimate(
         return int(plan.memory.activations["no_checkpointing"])
 
     assert acts(2, "true") == acts(2, "false")  # 100 tokens: one pass
-    logits = vocab * (12 + 2)  # per token: 3 fp32 copies and the bf16 logits
-    assert acts(8, "false") - acts(8, "true") == (400 - 50) * logits
+    # Worked by hand, per token of the vocabulary of 96: the bf16 logits (2 bytes), their fp32
+    # copy, the log-softmax output and its gradient (4 bytes each) = 14 bytes, 1,344 a token.
+    # 8 rows of 50 = 400 tokens: plain 400 x 1,344 = 537,600 bytes; chunked one chunk of 50
+    # tokens = 67,200; the difference 470,400. 16 rows: 1,075,200 - 67,200 = 1,008,000.
+    assert acts(8, "false") - acts(8, "true") == 470_400
+    assert acts(16, "false") - acts(16, "true") == 1_008_000
+    assert acts(16, "true") - acts(8, "true") == acts(16, "false") - acts(8, "false") - 537_600
     assert acts(8, "auto") == acts(8, "true")  # with CUDA
 
 

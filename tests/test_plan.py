@@ -20,8 +20,14 @@ def statuses(
     return {st.name: (st.status, st.reasons) for st in plan}
 
 
-def test_six_stages_in_order() -> None:
-    assert STAGE_NAMES == ("format", "tokenize", "quantize-load", "train", "save", "compare")
+def test_six_stages_in_order_each_after_the_stages_it_reads(small_recipe: Path) -> None:
+    plan = compute_plan(load_recipe(small_recipe))
+    names = [st.name for st in plan]
+    assert names == ["format", "tokenize", "quantize-load", "train", "save", "compare"]
+    assert list(STAGE_NAMES) == names  # what --until and save's state copy walk
+    for i, st in enumerate(plan):  # a stage never runs before one whose output it reads
+        assert all(names.index(u) < i for u in st.upstream), (st.name, st.upstream)
+    assert {u for st in plan for u in st.upstream} == set(names[:-1])  # each feeds another
 
 
 def test_fresh_run_dir_is_all_pending(small_recipe: Path) -> None:

@@ -84,10 +84,19 @@ def test_model_loads_with_auto_classes(built: tuple[Path, dict[str, Any]]) -> No
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (0, 1, 2)
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    # generate (with its KV cache and the partial rotary embedding) picks what greedy decoding by
+    # full forward passes picks, token for token: the checkpoint's generation settings add no
+    # sampling or penalty and the cache positions are right
     inputs = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)
+    model.eval()
     with torch.no_grad():
-        out_ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert out_ids.shape[1] <= inputs["input_ids"].shape[1] + 4
+        out_ids = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6)
+        by_hand = inputs["input_ids"]
+        for _ in range(6):
+            logits = model(input_ids=by_hand).logits[0, -1]
+            logits[tokenizer.eos_token_id] = -float("inf")  # what min_new_tokens does
+            by_hand = torch.cat([by_hand, logits.argmax().view(1, 1)], dim=1)
+    assert out_ids.tolist() == by_hand.tolist()
 
 
 def test_same_seed_same_weights(

@@ -14,7 +14,7 @@ from datakit import IM_TEMPLATE, make_tokenizer, write_recipe
 from runner.cli import cli
 from runner.data.chat import Encoder
 from runner.data.collate import IGNORE_INDEX
-from runner.data.tokenization import encode, encode_batch
+from runner.data.tokenization import encode_batch
 from runner.errors import RecipeError
 from runner.recipe import load_recipe
 
@@ -38,44 +38,58 @@ def trained(labels: list[int]) -> list[int]:
 # -- truncation --------------------------------------------------------------------------------
 
 
-def test_encode_without_truncation() -> None:
-    assert encode([1, 5, 6], [7, 8, 2], 16, "cut_prompt", False) == (
-        [1, 5, 6, 7, 8, 2],
-        [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 7, 8, 2],
-        False,
-    )
-    assert encode([1, 5, 6], [7, 8, 2], 16, "cut_prompt", True) == (
-        [1, 5, 6, 7, 8, 2],
-        [1, 5, 6, 7, 8, 2],
-        False,
-    )
+def batch(
+    prompt: str, response: str, **cfg: Any
+) -> tuple[list[int], list[int], dict[str, Any], list[int], list[int]]:
+    """encode_batch (what the stage maps over the rows) on one row with the plain format and a
+    bos-prefixing tokenizer: (input_ids, labels, the row's flags, bos + prompt ids, reply ids +
+    eos), the last two tokenized here independently."""
+    tok = make_tokenizer()
+    out = encode_batch(Encoder(tok, "plain"), CFG | cfg, [prompt], [response])
+    flags = {k: v[0] for k, v in out.items() if k not in ("input_ids", "labels")}
+    whole_prompt = [tok.bos_token_id, *ids(tok, prompt)]
+    whole_response = [*ids(tok, response), tok.eos_token_id]
+    return out["input_ids"][0], out["labels"][0], flags, whole_prompt, whole_response
+
+
+def test_rows_that_fit_are_not_cut() -> None:
+    input_ids, labels, flags, p, r = batch("Q: question 1\nA: ", "answer 1", max_length=16)
+    assert len(p) + len(r) <= 16
+    assert input_ids == p + r and labels == [IGNORE_INDEX] * len(p) + r
+    assert (flags["truncated"], flags["keep"], flags["trained"]) == (False, True, len(r))
+    input_ids, labels, flags, _, _ = batch("Q: question 1\nA: ", "answer 1", train_on_prompt=True)
+    assert labels == input_ids == p + r and flags["trained"] == len(p) + len(r)
 
 
 def test_cut_prompt_keeps_response_end_token_and_leading_special_tokens() -> None:
-    prompt = [1, *range(10, 30)]  # bos + 20 tokens
-    out = encode(prompt, [7, 8, 2], 12, "cut_prompt", False, keep_prefix=1)
-    assert out is not None
-    ids_, labels, truncated = out
-    assert truncated and ids_ == [1, *range(22, 30), 7, 8, 2]  # 12: bos, the prompt's end, reply
-    assert trained(labels) == [7, 8, 2]
+    prompt = "the quick brown fox hello world " * 4
+    input_ids, labels, flags, p, r = batch(prompt, "answer 1", max_length=12)
+    assert len(p) > 12 and len(r) < 6  # only the prompt has to give way
+    body = 12 - 1 - len(r)  # bos, the prompt's end, the whole reply with its end token
+    assert input_ids == [p[0], *p[-body:], *r]
+    assert trained(labels) == r and labels[: 1 + body] == [IGNORE_INDEX] * (1 + body)
+    assert flags["truncated"] and flags["keep"] and flags["end_trained"]
 
 
 def test_long_response_is_cut_but_a_quarter_of_the_room_stays_prompt() -> None:
-    out = encode([1, 5, 6, 7, 8, 9], list(range(100, 140)), 16, "cut_prompt", False, keep_prefix=1)
-    assert out is not None
-    ids_, labels, truncated = out
-    assert truncated and len(ids_) == 16
-    assert ids_[:4] == [1, 7, 8, 9]  # bos + the last 3 prompt tokens (a quarter of 15)
-    assert trained(labels) == list(range(100, 112))
+    reply = " ".join(f"answer {i}" for i in range(20))
+    input_ids, labels, flags, p, r = batch("Q: question 1\nA: ", reply, max_length=16)
+    assert len(p) > 4 and len(r) > 16
+    assert flags["truncated"] and len(input_ids) == 16
+    assert input_ids[:4] == [p[0], *p[-3:]]  # bos + the last 3 prompt tokens (a quarter of 15)
+    assert trained(labels) == input_ids[4:] == r[:12]  # the reply's start; its eos is cut off
+    assert not flags["end_trained"]
 
 
 def test_drop_policy() -> None:
-    assert encode(list(range(10)), [7, 2], 8, "drop", False) is None
-    assert encode([1, 2], [7, 2], 8, "drop", False) == (
-        [1, 2, 7, 2],
-        [IGNORE_INDEX, IGNORE_INDEX, 7, 2],
-        False,
+    long_prompt = "the quick brown fox hello world " * 4
+    input_ids, labels, flags, _, _ = batch(
+        long_prompt, "answer 1", max_length=12, truncation="drop"
     )
+    assert not flags["keep"] and flags["prompt_over"]
+    input_ids, labels, flags, p, r = batch("Q: A: ", "answer 1", max_length=12, truncation="drop")
+    assert flags["keep"] and not flags["truncated"]
+    assert input_ids == p + r and labels == [IGNORE_INDEX] * len(p) + r
 
 
 # -- formats -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from datakit import recipe_process
+from datakit import recipe_process, session_cache
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -29,11 +29,7 @@ TOKEN_CHECK_PROMPTS = 8
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[str], Path, str]]:
     """(the --set overrides, the run dir, the run's stdout); RECIPE_CACHE set for the module."""
-    cache = (
-        os.environ.get("RECIPE_TEST_CACHE")
-        or os.environ.get("RECIPE_CACHE")
-        or str(tmp_path_factory.mktemp("recipe-cache"))
-    )
+    cache = session_cache(tmp_path_factory)
     run_dir = tmp_path_factory.mktemp("use") / "run"
     sets = [
         "--set",
