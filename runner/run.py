@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from runner.checkpoints import refuse_abandoning
 from runner.context import Context
 from runner.errors import Interrupted, RecipeError, StageError
 from runner.plan import STAGE_NAMES, StageStatus, compute_plan, state_path
@@ -30,6 +29,7 @@ from runner.state import (
     run_lock,
     write_json_atomic,
 )
+from runner.training.attempts import refuse_abandoning
 
 
 def _now() -> str:

@@ -17,14 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runner.checkpoints import (
-    attempt_dir,
-    changed_settings,
-    checkpoint_problem,
-    newest_valid,
-    refuse_abandoning,
-    write_attempt,
-)
+from runner.checkpoints import attempt_dir, checkpoint_problem, newest_valid
 from runner.cli import cli
 from runner.context import Context
 from runner.errors import RecipeError
@@ -32,6 +25,7 @@ from runner.plan import STAGES, compute_plan
 from runner.progress import TrainProgress
 from runner.recipe import load_recipe
 from runner.state import OWNER_FILE, run_lock, write_json_atomic
+from runner.training.attempts import changed_settings, refuse_abandoning, write_attempt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -304,8 +298,8 @@ def test_cut_rng_state_plan_and_run_agree_on_the_previous_checkpoint(small_recip
     """A truncated rng_state.pth made every resume fail with OSError while the plan promised
     to resume from it: now the checkpoint is invalid for both, and the previous one is used."""
     from runner.plan import state_path
-    from runner.stages.train import start_attempt
     from runner.state import new_state, write_json_atomic
+    from runner.training.attempts import start_attempt
 
     recipe, st = _train_status(small_recipe)
     folder = attempt_dir(recipe.run_dir, st.fingerprint)
@@ -493,7 +487,7 @@ def test_interrupt_flag_first_signal_asks_second_stops() -> None:
     import os
     import signal
 
-    from runner.stages.train import interrupt_flag
+    from runner.training.loop import interrupt_flag
 
     flag, restore = interrupt_flag()
     try:
