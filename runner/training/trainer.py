@@ -78,6 +78,11 @@ TRAIN_DATALOADER = Override(
     "transformers.Trainer.get_train_dataloader",
     "packed rows on several processes: equal tokens per process per step",
 )
+SAVE_MODEL = Override(
+    "transformers",
+    "transformers.Trainer.save_model",
+    "test-only fault injection dies between a checkpoint's model files and the rest",
+)
 TRACK_TOKENS = Override(
     "transformers",
     "transformers.Trainer._track_num_input_tokens",
@@ -119,6 +124,7 @@ OVERRIDES = (
     TRAINING_STEP,
     EVALUATION_LOOP,
     TRAIN_DATALOADER,
+    SAVE_MODEL,
     TRACK_TOKENS,
     N_GPU,
     LOSS_FUNCTION,
@@ -178,16 +184,18 @@ class RunnerTrainer(Trainer):  # type: ignore[misc]
 
     `meter` counts throughput (runner/throughput.py); `packed` is the packing collator whose
     pad segment tokens-seen leaves out, or None; `balance` (after construction) gives the
-    training data loader BalancedBatches (runner/data/balance.py)."""
+    training data loader BalancedBatches (runner/data/balance.py); `after_save` hooks run after
+    every save_model (fault injection)."""
 
     def __init__(self, *args: Any, meter: Meter, packed: Packed | None = None, **kwargs: Any):
-        for override in (TRAINING_STEP, EVALUATION_LOOP, TRAIN_DATALOADER):
+        for override in (TRAINING_STEP, EVALUATION_LOOP, TRAIN_DATALOADER, SAVE_MODEL):
             require(override)
         if packed is not None:
             require(TRACK_TOKENS)
         self.meter = meter
         self.packed = packed
         self.balanced: BalancedBatches | None = None
+        self.after_save: list[Callable[[str | None], None]] = []  # runner/faults.py only
         super().__init__(*args, **kwargs)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -204,6 +212,13 @@ class RunnerTrainer(Trainer):  # type: ignore[misc]
             return super().evaluation_loop(*args, **kwargs)
         finally:
             self.meter.paused = False
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The model's files (a checkpoint's adapter, or the final one), then `after_save`: a
+        test can kill the process with the weights on disk and the optimizer state not yet."""
+        super().save_model(output_dir, _internal_call)
+        for hook in self.after_save:
+            hook(output_dir)
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> Any:
         """transformers 5 counts "non_padding" tokens from the attention mask, else input_ids
