@@ -322,7 +322,7 @@ def child_gpu(args: argparse.Namespace) -> int:
     from runner.models.estimate import Tokens, format_model_plan, plan_model
     from runner.models.load import load_for_training
     from runner.quiet import quiet_libraries
-    from runner.stages.train import training_arguments
+    from runner.training.loop import training_arguments
 
     quiet_libraries()
     work = Path(args.work)

@@ -12,10 +12,8 @@ exists (dist_cp writes it after every rank's shard), beside scheduler.pt, traine
 the rng state. The train stage loads their LoRA weights and optimizer state itself after the
 Trainer's resume (runner/models/fsdp_names.py says why the Trainer's own load misses them).
 
-Each attempt folder also holds attempt.json: the train stage's params, inputs, upstream
-fingerprints and library versions when the attempt started, and whether it finished, so a new
-attempt can say what changed (runner.plan.explain) and `train.on_changed_settings = "refuse"` can
-stop before an unfinished attempt is abandoned. No torch.
+Which attempt resumes or starts, and what its attempt.json records, is runner/training/
+attempts.py. No torch.
 """
 
 from __future__ import annotations
@@ -24,10 +22,8 @@ import json
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
 
-from runner.errors import RecipeError
-from runner.rundir import CHECKPOINTS, read_record
+from runner.rundir import CHECKPOINTS
 
 REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors")
@@ -35,7 +31,6 @@ SHARDED = "pytorch_model_fsdp_0"
 SHARDED_OPTIMIZER = "optimizer_0"
 SHARDED_REQUIRED = ("trainer_state.json", "scheduler.pt")
 _RNG = re.compile(r"^rng_state(_\d+)?\.pth$")  # rng_state_<rank>.pth with several processes
-ATTEMPT = "attempt.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -140,75 +135,3 @@ def newest_valid(folder: Path) -> tuple[Path | None, list[str]]:
 
 def step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[-1])
-
-
-def other_attempts(run_dir: Path, train_fingerprint: str) -> list[str]:
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != train_fingerprint)
-
-
-def write_attempt(folder: Path, record: dict[str, Any]) -> None:
-    from runner.state import write_json_atomic
-
-    write_json_atomic(folder / ATTEMPT, record)
-
-
-def read_attempt(folder: Path) -> dict[str, Any] | None:
-    return read_record(folder / ATTEMPT)
-
-
-def previous_attempt(run_dir: Path, train_fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
-    """The most recently started other attempt that recorded its settings."""
-    found = []
-    for name in other_attempts(run_dir, train_fingerprint):
-        folder = attempt_dir(run_dir, name)
-        record = read_attempt(folder)
-        if record is not None:
-            found.append((str(record.get("started", "")), name, folder, record))
-    if not found:
-        return None
-    _, _, folder, record = max(found, key=lambda item: (item[0], item[1]))
-    return folder, record
-
-
-def describe_attempt(folder: Path, record: dict[str, Any]) -> str:
-    """`attempt 1a2b... (finished)` or `attempt 1a2b... (stopped at checkpoint 8)`."""
-    if record.get("finished"):
-        return f"attempt {folder.name} (finished)"
-    newest, _ = newest_valid(folder)
-    where = f"stopped at checkpoint {step_of(newest)}" if newest else "no checkpoint"
-    return f"attempt {folder.name} ({where})"
-
-
-def changed_settings(run_dir: Path, current: Any) -> tuple[Path, dict[str, Any], list[str]] | None:
-    """When train would start fresh although another attempt exists: that attempt, its record
-    and why the fingerprints differ (runner.plan.explain). `current` is train's StageStatus."""
-    if newest_valid(attempt_dir(run_dir, current.fingerprint))[0] is not None:
-        return None  # this very attempt resumes
-    prev = previous_attempt(run_dir, current.fingerprint)
-    if prev is None:
-        return None
-    from runner.plan import explain
-
-    folder, record = prev
-    return folder, record, explain(record, current)
-
-
-def refuse_abandoning(recipe: Any, current: Any) -> None:
-    """With train.on_changed_settings = "refuse", stop before an unfinished attempt is left
-    behind because its settings changed (RecipeError, exit 2); call it before any stage runs."""
-    if recipe.get("train.on_changed_settings") != "refuse":
-        return
-    found = changed_settings(recipe.run_dir, current)
-    if found is None:
-        return
-    folder, record, why = found
-    if record.get("finished") or newest_valid(folder)[0] is None:
-        return  # nothing to resume there: starting fresh loses nothing
-    raise RecipeError(
-        f"{recipe.run_dir}: train: {describe_attempt(folder, record)} would be abandoned: "
-        f'{"; ".join(why)}; train.on_changed_settings is "refuse": undo the change to resume '
-        "it, or pass --set train.on_changed_settings=restart to start a new attempt"
-    )

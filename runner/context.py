@@ -1,4 +1,8 @@
-"""What a stage gets: the recipe, its run directory, a logger, and in-process hand-offs."""
+"""What a stage gets: the recipe, its run directory, a logger, and in-process hand-offs.
+
+The hand-offs are typed fields, not a dictionary of names: `model` (quantize-load to train in
+the same process) and `stopped_at_step` (an interrupted train stage to the launched worker
+that reports it)."""
 
 from __future__ import annotations
 
@@ -6,19 +10,26 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runner.plan import StageStatus
+    from runner.recipe.model import Recipe
 
 from runner.rundir import RUN_LOG
 
 
 @dataclass
 class Context:
-    recipe: Any  # runner.recipe.Recipe
+    recipe: Recipe
     run_dir: Path
     echo: Callable[[str], None]
     fingerprint: str = ""  # of the stage being run
-    status: Any = None  # its runner.plan.StageStatus: params, inputs, upstream, libraries
-    memo: dict[str, Any] = field(default_factory=dict)  # e.g. the model loaded by quantize-load
+    status: StageStatus | None = None  # what it reads: params, inputs, upstream, libraries
+    # quantize-load's model when train runs in the same process (train takes it, then None):
+    # loading it twice would double the load time and, on a GPU, the memory
+    model: Any = None
+    stopped_at_step: int | None = None  # an interrupted train stage's last checkpoint step
     on_progress: Callable[[dict[str, Any]], None] = field(default=lambda metrics: None)
     rank: int = 0  # global rank of a training process started by runner.launch; 0 otherwise
     world_size: int = 1

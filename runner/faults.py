@@ -66,15 +66,13 @@ def trainer_hooks(trainer: Any, run_dir: Path, stopping: Callable[[], bool]) -> 
     from transformers import TrainerCallback
 
     point, at = fault
-    if point == "during_save":
-        save_model = trainer.save_model
+    if point == "during_save":  # RunnerTrainer.save_model calls it after the model's files
 
-        def save_then_die(output_dir: str | None = None, _internal_call: bool = False) -> None:
-            save_model(output_dir, _internal_call)
+        def die_when_saved(output_dir: str | None) -> None:
             if output_dir and Path(output_dir).name == f"checkpoint-{at}":
                 die(f"during_save:{at}")
 
-        trainer.save_model = save_then_die
+        trainer.after_save.append(die_when_saved)
         return []
 
     class Fault(TrainerCallback):  # type: ignore[misc]

@@ -2,8 +2,9 @@
 `python -m runner.worker SPEC`, one process per GPU; everything else stays in this process.
 
 What the parent (`recipe run`) does, in order:
-- decides the resume point (start_attempt: the same code as a one-process run), so the workers
-  only read checkpoints;
+- decides the resume point (runner.training.attempts.start_attempt, as a one-process run does),
+  so the workers only read checkpoints; each worker runs the training loop
+  (runner.training.loop.train) from that point and never this module's code;
 - frees the model quantize-load left on GPU 0, writes the spec (recipe file, overrides, the
   train fingerprint and resume point) to logs/launch/spec.json, and starts accelerate in a new
   process session (so a terminal's Ctrl-C reaches only us); rank 0's lines are relayed to our
@@ -39,6 +40,7 @@ from runner.errors import Interrupted, RecipeError, StageError
 from runner.recipe import Recipe
 from runner.rundir import LAUNCH_DIR, LAUNCH_LOG, STOP_FILE
 from runner.state import write_json_atomic
+from runner.training.attempts import start_attempt
 
 STOP_GRACE_S = 600.0  # after the first signal, how long the workers get to reach a checkpoint
 
@@ -174,7 +176,7 @@ def release_gpu(ctx: Context) -> bool:
 
     import torch
 
-    ctx.memo.pop("model", None)
+    ctx.model = None
     gc.collect()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -184,8 +186,6 @@ def release_gpu(ctx: Context) -> bool:
 
 def run_train(ctx: Context) -> dict[str, Any]:
     """Run the train stage through accelerate; the metrics rank 0 reported."""
-    from runner.stages.train import start_attempt
-
     recipe = ctx.recipe
     out_dir = attempt_dir(ctx.run_dir, ctx.fingerprint)
     resume = start_attempt(ctx, out_dir)
@@ -202,7 +202,6 @@ def run_train(ctx: Context) -> dict[str, Any]:
     stop_file = ctx.path(STOP_FILE)
     stop_file.unlink(missing_ok=True)
     spec = launch_dir / "spec.json"
-    st = ctx.status
     write_json_atomic(
         spec,
         {
@@ -212,7 +211,6 @@ def run_train(ctx: Context) -> dict[str, Any]:
             "run_dir": str(ctx.run_dir),
             "fingerprint": ctx.fingerprint,
             "resume": str(resume) if resume else None,
-            "status": st.identity() if st else None,
         },
     )
     cmd = accelerate_command(recipe, spec, cuda=cuda)

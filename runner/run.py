@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from runner.checkpoints import refuse_abandoning
 from runner.context import Context
 from runner.errors import Interrupted, RecipeError, StageError
 from runner.plan import STAGE_NAMES, StageStatus, compute_plan
@@ -32,6 +31,7 @@ from runner.rundir import (
     state_path,
 )
 from runner.state import is_disk_full, path_size, write_json_atomic, write_text_atomic
+from runner.training.attempts import refuse_abandoning
 
 
 def _now() -> str:

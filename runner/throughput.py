@@ -130,30 +130,3 @@ def counting(collator: Any, meter: Meter) -> Any:
         return batch
 
     return collate
-
-
-def count_when_trained(trainer: Any, meter: Meter) -> None:
-    """Count each collated training batch when the Trainer trains on it (one call of its
-    training_step per micro-batch), not when the data loader collates it, ahead of time."""
-    training_step = trainer.training_step
-
-    def counted_training_step(*args: Any, **kwargs: Any) -> Any:
-        meter.trained()
-        return training_step(*args, **kwargs)
-
-    trainer.training_step = counted_training_step
-
-
-def pause_during_evaluation(trainer: Any, meter: Meter) -> None:
-    """Held-out batches are not training throughput: stop counting while the Trainer evaluates
-    (its evaluation loop collates them, synchronously, with the training collator)."""
-    evaluation_loop = trainer.evaluation_loop
-
-    def evaluate_uncounted(*args: Any, **kwargs: Any) -> Any:
-        meter.paused = True
-        try:
-            return evaluation_loop(*args, **kwargs)
-        finally:
-            meter.paused = False
-
-    trainer.evaluation_loop = evaluate_uncounted

@@ -2,7 +2,8 @@
 `accelerate launch` (runner.launch starts it; nothing else should).
 
 Every rank loads the recipe the parent ran, its 4-bit model on its own GPU (LOCAL_RANK), and runs
-the same train-stage code as a one-process run; the Trainer splits the batches. Rank 0 alone
+the same training loop as a one-process run (runner.training.loop.train, from the resume
+point the parent decided); the Trainer splits the batches. Rank 0 alone
 prints, writes logs, state and checkpoints, and writes logs/launch/result.json (metrics, or
 `interrupted`, or an error) for the parent. A rank that fails writes
 logs/launch/rank-<N>.error.json with a one-line message before it exits, so the parent can say
@@ -50,7 +51,7 @@ def main(spec_path: str) -> int:
     from runner.plan import state_path
     from runner.quiet import quiet_libraries
     from runner.recipe import load_recipe
-    from runner.stages import train
+    from runner.training.loop import ResumePoint, train
 
     rank, world = rank_info()
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
@@ -71,19 +72,13 @@ def main(spec_path: str) -> int:
             rank=rank,
             world_size=world,
         )
-        if spec["status"] is not None:
-            from types import SimpleNamespace
-
-            ctx.status = SimpleNamespace(**spec["status"])
         if ctx.is_main:
             ctx.on_progress = state_progress(state_path(run_dir, "train"))
-        ctx.memo["resume"] = Path(spec["resume"]) if spec["resume"] else None
-        metrics = train.run(ctx)
+        resume = ResumePoint(Path(spec["resume"]) if spec["resume"] else None)
+        metrics = train(ctx, resume)
     except Interrupted:
         if rank == 0:
-            write_json_atomic(
-                launch_dir / "result.json", {"interrupted": ctx.memo.get("stopped_at_step")}
-            )
+            write_json_atomic(launch_dir / "result.json", {"interrupted": ctx.stopped_at_step})
         return 0
     except RecipeError as e:
         report(launch_dir, rank, "\n".join(e.lines), recipe_error=True)

@@ -72,7 +72,9 @@ def test_chunked_loss_equals_the_models_own(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ckpt, "checkpoint", checkpoint)
-    assert chunked_loss.chunk_the_loss(chunked) == (
+    from runner.training.trainer import chunk_the_loss
+
+    assert chunk_the_loss(chunked) == (
         "chunked_cross_entropy: logits and loss 7 tokens at a time for micro-batches over "
         f"{one_pass:,} tokens (vocabulary {vocab:,})"
     )
@@ -91,7 +93,7 @@ def test_chunked_loss_equals_the_models_own(
 
 
 def test_off_where_the_head_is_trained_or_scaled() -> None:
-    from runner.models.chunked_loss import chunk_the_loss
+    from runner.training.trainer import chunk_the_loss
 
     trained = tiny_glm()
     trained.lm_head.weight.requires_grad_(True)

@@ -62,6 +62,7 @@ def test_layers_compile_in_place_without_dynamos_ddp_graph_splitting(
     import torch._dynamo
 
     from runner.models.compile import compile_layers
+    from runner.training.trainer import no_ddp_graph_splitting
 
     class Block(torch.nn.Linear):
         pass
@@ -75,6 +76,7 @@ def test_layers_compile_in_place_without_dynamos_ddp_graph_splitting(
 
     monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
     model = Model()
+    no_ddp_graph_splitting()
     assert compile_layers(model) == (
         "torch_compile: 2 Block layers compiled (the first steps, and the first step of each new "
         "row length, wait for the compiler)"

@@ -55,8 +55,12 @@ def test_adapter_keys_are_found_under_nested_wrappers(monkeypatch: pytest.Monkey
         "_get_tuner_state_dict_key_prefixes",
         tuners_utils._get_tuner_state_dict_key_prefixes,  # restored after the test
     )
-    assert fsdp_names.clean_fsdp_prefixes()
-    assert fsdp_names.clean_fsdp_prefixes()  # once only: a second call does not wrap again
+    from runner.training.trainer import clean_fsdp_prefixes
+
+    assert clean_fsdp_prefixes()
+    installed = tuners_utils._get_tuner_state_dict_key_prefixes
+    assert clean_fsdp_prefixes()  # once only: a second call does not wrap again
+    assert tuners_utils._get_tuner_state_dict_key_prefixes is installed
     found = peft.get_peft_model_state_dict(wrapped, state_dict=clean)
     assert sorted(found) == sorted(expected) and len(found) == 4
     assert all(torch.equal(found[k], expected[k]) for k in expected)
@@ -66,7 +70,7 @@ def test_adapter_tensors_counts_what_the_saved_file_holds(tmp_path: Any) -> None
     """save_final fails an FSDP run whose adapter file came out empty (it did: 40 bytes)."""
     from safetensors.torch import save_file
 
-    from runner.stages.train import adapter_tensors
+    from runner.training.loop import adapter_tensors
 
     assert adapter_tensors(tmp_path) == 0
     save_file({}, str(tmp_path / "adapter_model.safetensors"))

@@ -190,7 +190,7 @@ def test_one_process_on_a_multi_gpu_machine_uses_one_gpu() -> None:
     a batch of 32 trained 128 per step on a 4-GPU machine)."""
     from types import SimpleNamespace
 
-    from runner.stages.train import one_gpu_per_process
+    from runner.training.trainer import one_gpu_per_process
 
     single = one_gpu_per_process(SimpleNamespace(n_gpu=4, world_size=1, _n_gpu=4))
     assert single._n_gpu == 1

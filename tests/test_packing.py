@@ -84,9 +84,12 @@ def trainer(tmp_path: Path, tok: Any, packing: bool, group_by_length: bool, *ove
     import dataclasses
 
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
-    from runner.stages.train import versioned_arguments
+    from runner.data.collate import Packed
+    from runner.throughput import Meter
+    from runner.training.loop import versioned_arguments
+    from runner.training.trainer import RunnerTrainer
 
     cfg = {"warmup_ratio": 0.0, "group_by_length": group_by_length, "gradient_checkpointing": False}
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -105,11 +108,14 @@ def trainer(tmp_path: Path, tok: Any, packing: bool, group_by_length: bool, *ove
     )
     data = Dataset.from_list(rows(tok) * 2)
     model = tiny_glm(tok, "sdpa").train()
-    return Trainer(
+    collate = collator(tmp_path, tok, packing, *overrides)
+    return RunnerTrainer(
         model=model,
         args=args,
         train_dataset=data,
-        data_collator=collator(tmp_path, tok, packing, *overrides),
+        data_collator=collate,
+        meter=Meter(tok.pad_token_id),
+        packed=collate if isinstance(collate, Packed) else None,
     )
 
 
@@ -205,9 +211,6 @@ def test_token_counts_leave_the_pad_segment_out(tmp_path: Path) -> None:
     assert int(real_token_mask(unpadded, pack.pad_id, 1).sum()) == real
 
     t = trainer(tmp_path, tok, True, False, "train.pad_to_multiple_of=48")
-    from runner.data.collate import count_real_tokens
-
-    count_real_tokens(t, t.data_collator)
     t.args.include_num_input_tokens_seen = "non_padding"
     t.args.max_steps = 3  # 3 steps of 2 rows: each of the 6 rows once
     t.train()

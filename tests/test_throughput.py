@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from runner.throughput import Meter
+from typing import Any
+
+import pytest
+
+from runner.throughput import Meter, counting
 
 
 def meter_with(times: list[float], tokens_per_step: int = 100) -> Meter:
@@ -36,19 +40,28 @@ def test_a_run_compiling_at_most_steps_keeps_them_all() -> None:
     assert summary["steady_steps"] == 4 and summary["real_tokens_per_second"] == 50.0
 
 
-def test_evaluation_batches_are_not_training_throughput() -> None:
-    from runner.throughput import counting, pause_during_evaluation
+def bare_trainer(meter: Meter) -> Any:
+    """A RunnerTrainer without transformers' __init__: its overrides around stub library
+    methods (monkeypatched on transformers.Trainer)."""
+    from runner.training.trainer import RunnerTrainer
+
+    trainer = object.__new__(RunnerTrainer)
+    trainer.meter = meter
+    return trainer
+
+
+def test_evaluation_batches_are_not_training_throughput(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
 
     meter = Meter(pad_id=0)
     collate = counting(lambda rows: {"input_ids": _Ids(len(rows))}, meter)
 
-    class Trainer:  # the part of transformers.Trainer that evaluation goes through
-        def evaluation_loop(self, rows: list[dict[str, list[int]]]) -> str:
-            collate(rows)
-            return "metrics"
+    def evaluation_loop(self: Any, rows: list[dict[str, list[int]]]) -> str:
+        collate(rows)  # the library's loop collates held-out rows with the training collator
+        return "metrics"
 
-    trainer = Trainer()
-    pause_during_evaluation(trainer, meter)
+    monkeypatch.setattr(transformers.Trainer, "evaluation_loop", evaluation_loop)
+    trainer = bare_trainer(meter)
     collate([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
     assert trainer.evaluation_loop([{"input_ids": [1] * 50}]) == "metrics"
     collate([{"input_ids": [6]}])
@@ -58,21 +71,22 @@ def test_evaluation_batches_are_not_training_throughput() -> None:
     assert (meter.real, meter.samples, meter.paused) == (6, 3, False)
 
 
-def test_a_batch_counts_in_the_step_that_trains_it_not_when_collated_ahead() -> None:
+def test_a_batch_counts_in_the_step_that_trains_it_not_when_collated_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The data loader collates one batch ahead; the last step of the data has nothing left
     to collate and must still count its own batch."""
-    from runner.throughput import count_when_trained, counting
+    import transformers
 
     meter = Meter(pad_id=0, warmup=0)
     collate = counting(lambda rows: {"input_ids": _Ids(len(rows))}, meter)
     trained: list[int] = []
 
-    class Trainer:
-        def training_step(self, rows: int) -> None:
-            trained.append(rows)
+    def training_step(self: Any, rows: int) -> None:
+        trained.append(rows)
 
-    trainer = Trainer()
-    count_when_trained(trainer, meter)
+    monkeypatch.setattr(transformers.Trainer, "training_step", training_step)
+    trainer = bare_trainer(meter)
     batches = [[{"input_ids": [1] * 10}] * n for n in (2, 2, 3, 2)]
     collate(batches[0])
     for i, batch in enumerate(batches):

@@ -17,14 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runner.checkpoints import (
-    attempt_dir,
-    changed_settings,
-    checkpoint_problem,
-    newest_valid,
-    refuse_abandoning,
-    write_attempt,
-)
+from runner.checkpoints import attempt_dir, checkpoint_problem, newest_valid
 from runner.cli import cli
 from runner.context import Context
 from runner.errors import RecipeError
@@ -33,6 +26,7 @@ from runner.progress import TrainProgress
 from runner.recipe import load_recipe
 from runner.rundir import OWNER_FILE, run_lock
 from runner.state import write_json_atomic
+from runner.training.attempts import changed_settings, refuse_abandoning, write_attempt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -307,8 +301,8 @@ def test_cut_rng_state_plan_and_run_agree_on_the_previous_checkpoint(small_recip
     to resume from it: now the checkpoint is invalid for both, and the previous one is used."""
     from runner.plan import state_path
     from runner.rundir import new_state
-    from runner.stages.train import start_attempt
     from runner.state import write_json_atomic
+    from runner.training.attempts import start_attempt
 
     recipe, st = _train_status(small_recipe)
     folder = attempt_dir(recipe.run_dir, st.fingerprint)
@@ -496,7 +490,7 @@ def test_interrupt_flag_first_signal_asks_second_stops() -> None:
     import os
     import signal
 
-    from runner.stages.train import interrupt_flag
+    from runner.training.loop import interrupt_flag
 
     flag, restore = interrupt_flag()
     try:

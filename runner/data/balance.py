@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 
 def deal(
@@ -76,36 +75,3 @@ class BalancedBatches:
             yield from deal(
                 order[start : start + size], self.lengths, self.per_process, self.processes
             )
-
-
-def balance_processes(trainer: Any, seed: int) -> str:
-    """Give `trainer` a training data loader of BalancedBatches; a line saying so."""
-    import pyarrow.compute as pc
-    from torch.utils.data import DataLoader
-
-    args = trainer.args
-    data = trainer.train_dataset
-    lengths = pc.list_value_length(data.with_format("arrow")["input_ids"]).to_pylist()
-    sampler = BalancedBatches(
-        lengths,
-        args.per_device_train_batch_size,
-        args.world_size,
-        seed,
-        lambda: trainer.state.epoch or 0.0,
-    )
-
-    def train_loader() -> Any:
-        loader = DataLoader(
-            data,
-            batch_sampler=sampler,
-            collate_fn=trainer.data_collator,
-            num_workers=args.dataloader_num_workers,
-            pin_memory=args.dataloader_pin_memory,
-        )
-        return trainer.accelerator.prepare(loader)
-
-    trainer.get_train_dataloader = train_loader
-    return (
-        f"train: packed rows balanced across {args.world_size} processes "
-        f"({args.per_device_train_batch_size} examples each, nearly equal tokens per step)"
-    )

@@ -146,20 +146,3 @@ def real_token_mask(batch: dict[str, Any], pad_id: int, multiple: int) -> Any:
     ):
         mask[0, start:] = 0
     return mask
-
-
-def count_real_tokens(trainer: Any, collator: Any) -> None:
-    """Make the Trainer's num_input_tokens_seen ("non_padding") leave out a packed row's pad
-    segment. transformers 5 counts the attention mask, else input_ids != the tokenizer's pad id,
-    else (the runner's Trainer has no tokenizer) every token, and warns at every step; a packed
-    batch has no attention mask. Its counting is kept and given the real-token mask instead.
-    transformers 4.x (counting inside the training loop) is left as it is."""
-    if not isinstance(collator, Packed) or not hasattr(trainer, "_track_num_input_tokens"):
-        return
-    track = trainer._track_num_input_tokens
-
-    def tracked(inputs: dict[str, Any]) -> None:
-        mask = real_token_mask(inputs, collator.pad_id, collator.multiple)
-        track({"input_ids": inputs["input_ids"], "attention_mask": mask})
-
-    trainer._track_num_input_tokens = tracked

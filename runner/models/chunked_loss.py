@@ -9,6 +9,7 @@ chunk recomputed in the backward pass (activation checkpointing), so only one ch
 exist at once. Micro-batches of up to ONE_PASS_ELEMENTS logits (~8k tokens at 65k) take one
 pass, as the model's own loss does, with no recompute. Same loss and gradients as the model's
 own loss (tests/test_chunked_loss.py); the frozen head's weight gets no gradient, as before.
+runner.training.trainer.chunk_the_loss installs it on a model (the head and the loss hook).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 from runner.data.collate import IGNORE_INDEX
-from runner.models.load import unwrapped
 from runner.recipe import Recipe
 
 CHUNK_ELEMENTS = 2**27  # logits per chunk: ~2k tokens at a 65k vocabulary (0.5 GB fp32)
@@ -104,19 +104,3 @@ def chunked_causal_lm_loss(head: Any) -> Any:
         return total / num_items_in_batch
 
     return loss_function
-
-
-def chunk_the_loss(model: Any) -> str:
-    """Install the chunked loss on `model` (a peft or transformers causal LM); a line saying
-    what was done or why not."""
-    base = unwrapped(model)
-    if problem := head_problem(base):
-        return f"chunked_cross_entropy: off: {problem}"
-    head = base.get_output_embeddings()
-    head.forward = lambda hidden: hidden  # the instance only: weights and names unchanged
-    base.loss_function = chunked_causal_lm_loss(head)
-    vocab = base.config.vocab_size
-    return (
-        f"chunked_cross_entropy: logits and loss {chunk_tokens(vocab)} tokens at a time for "
-        f"micro-batches over {ONE_PASS_ELEMENTS // vocab:,} tokens (vocabulary {vocab:,})"
-    )

@@ -53,20 +53,11 @@ def repeated_layers(model: Any) -> list[Any]:
 
 
 def compile_layers(model: Any) -> str:
-    """Compile every repeated layer in place; a line saying what was compiled.
-
-    Under DDP, dynamo's DDP optimizer (on by default) splits every graph it compiles inside a
-    DDP forward at gradient-bucket boundaries: meant for a whole-model compile, whose gradients
-    otherwise all arrive at the end. Compiled layer by layer, the gradients already arrive layer
-    by layer for DDP's own hooks, and the split graphs left the GPU idle between their pieces
-    (figures: BENCHMARKS.md, "Measurements behind the code"). So it is turned off: the layers
-    compile to the same graphs as in one process."""
-    import torch._dynamo
-
+    """Compile every repeated layer in place; a line saying what was compiled. Under DDP,
+    call runner.training.trainer.no_ddp_graph_splitting first (it says why)."""
     layers = repeated_layers(model)
     if not layers:
         return "torch_compile: no repeated decoder layers found; the model runs eagerly"
-    torch._dynamo.config.optimize_ddp = False
     for layer in layers:
         layer.compile()
     return (

@@ -8,9 +8,9 @@ clean names. Nothing matches: the final adapter file holds no tensors, and the T
 adapter-only sharded checkpoints go through the same filter. The versions this was found with
 are in docs/compatibility.md, the figures in BENCHMARKS.md ("Measurements behind the code").
 
-`clean_fsdp_prefixes()` wraps peft's prefix function so the prefixes lose every such segment; the
-matching, the adapter-name handling and the file format stay peft's. It is applied only when FSDP
-is on, and only where peft has that function (older and newer versions match keys otherwise).
+`clean_prefixes()` wraps peft's prefix function so the prefixes lose every such segment; the
+matching, the adapter-name handling and the file format stay peft's. runner.training.trainer
+installs it when FSDP is on, and stops the run where peft has no such function.
 
 Loading a sharded checkpoint back has a problem of its own: accelerate reads the adapter's shards
 and hands them to peft's `set_peft_model_state_dict`, which keeps the `base_model.model.` prefix
@@ -29,31 +29,22 @@ the state first (`create_optimizer_state()`) so that the template holds every mo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 WRAPPED = "_fsdp_wrapped_module."
 
 
-def clean_fsdp_prefixes() -> bool:
-    """Patch peft's prefix function once; True when it is (now or already) patched."""
-    try:
-        from peft.tuners import tuners_utils
-    except ImportError:
-        return False
-    found = getattr(tuners_utils, "_get_tuner_state_dict_key_prefixes", None)
-    if found is None:
-        return False
-    if getattr(found, "cleans_fsdp_names", False):
-        return True
+def clean_prefixes(found: Callable[..., set[str]]) -> Callable[..., set[str]]:
+    """peft's prefix function `found`, its prefixes without FSDP's wrapper segments (installed
+    by runner.training.trainer.clean_fsdp_prefixes)."""
 
     def prefixes(model: Any, adapter_name: str | None = None) -> set[str]:
         return {p.replace(WRAPPED, "") for p in found(model, adapter_name)}
 
     prefixes.cleans_fsdp_names = True  # type: ignore[attr-defined]
-    tuners_utils._get_tuner_state_dict_key_prefixes = prefixes
-    return True
+    return prefixes
 
 
 def saved_name(key: str, adapter_name: str) -> str:

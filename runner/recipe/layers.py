@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from runner.recipe.model import BUILTIN_TINY
 from runner.recipe.problems import InvalidRecipe, Problem
 from runner.recipe.toml_lines import key_lines
+from runner.recipe.tomlfile import read_toml
 
 if TYPE_CHECKING:
     from runner.recipe.confine import Confinement
@@ -180,8 +181,6 @@ def _load(
     files: list[Path],
     confinement: Confinement | None,
 ) -> Merged:
-    from runner.recipe.load import read_toml
-
     path = shown.expanduser().resolve()
     data, text = read_toml(shown)
     lines = key_lines(text)

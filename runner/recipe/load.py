@@ -24,33 +24,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def read_toml(path: Path) -> tuple[dict[str, Any], str]:
-    def fail(message: str, line: int | None = None) -> InvalidRecipe:
-        return InvalidRecipe([Problem(str(path), line, None, message)])
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise fail("no such recipe file; check the path") from None
-    except UnicodeDecodeError as e:
-        raise fail(f"not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise fail(f"cannot read: {e.strerror}") from None
-    try:
-        return tomllib.loads(text), text
-    except tomllib.TOMLDecodeError as e:
-        line = getattr(e, "lineno", None) or _line_from_message(str(e))
-        msg = str(e).split(" (at line")[0]
-        raise fail(f"invalid TOML: {msg}", line or 1) from None
-
-
-def _line_from_message(message: str) -> int | None:
-    marker = "(at line "
-    if marker in message:
-        return int(message.split(marker, 1)[1].split(",")[0].rstrip(")"))
-    return None
-
-
 def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     """`lora.r=16` -> (("lora", "r"), 16), typed by the schema where it can be."""
     if "=" not in item:

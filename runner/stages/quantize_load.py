@@ -27,7 +27,7 @@ def run(ctx: Context) -> dict[str, Any]:
         from runner.models.load import load_for_training
 
         model, report = load_for_training(ctx.recipe, folder)
-        ctx.memo["model"] = model  # train reuses it when it runs in the same process
+        ctx.model = model  # train reuses it when it runs in the same process
     report["model_folder"] = str(folder)
     write_json_atomic(ctx.path(LOAD_REPORT), report)
     targets = report["target_modules"]
