@@ -67,12 +67,8 @@ def checkpoint_problem(path: Path) -> str | None:
     weights = [path / w for w in WEIGHTS if (path / w).is_file() and (path / w).stat().st_size > 0]
     if not weights:
         return "no weights"
-    try:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "trainer_state.json unreadable"
-    if not isinstance(state, dict) or "global_step" not in state:
-        return "trainer_state.json incomplete"
+    if problem := _trainer_state_problem(path):
+        return problem
     # every archive the Trainer loads on resume, rng_state*.pth (one per process) and scaler.pt
     # included: a cut one made every resume fail with an OSError while the plan promised it
     loaded = [path / "optimizer.pt", path / "scheduler.pt", weights[0]]
@@ -89,6 +85,16 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def _trainer_state_problem(path: Path) -> str | None:
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "trainer_state.json unreadable"
+    if not isinstance(state, dict) or "global_step" not in state:
+        return "trainer_state.json incomplete"
+    return None
+
+
 def sharded_problem(path: Path) -> str | None:
     """checkpoint_problem for an FSDP-sharded checkpoint."""
     for name in (f"{SHARDED}/.metadata", f"{SHARDED_OPTIMIZER}/.metadata", *SHARDED_REQUIRED):
@@ -97,12 +103,8 @@ def sharded_problem(path: Path) -> str | None:
     rng = sorted(p for p in path.iterdir() if _RNG.match(p.name))
     if not rng:
         return "rng_state.pth missing"
-    try:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "trainer_state.json unreadable"
-    if not isinstance(state, dict) or "global_step" not in state:
-        return "trainer_state.json incomplete"
+    if problem := _trainer_state_problem(path):
+        return problem
     for f in (path / "scheduler.pt", *rng):
         problem = _file_problem(f)
         if problem:
