@@ -55,9 +55,7 @@ def test_fsdp_refuses_torch_compile_true(tmp_path: Path) -> None:
     )
 
 
-def test_layers_compile_in_place_without_dynamos_ddp_graph_splitting(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_layers_compile_in_place_without_dynamos_ddp_graph_splitting() -> None:
     pytest.importorskip("torch")
     import torch._dynamo
 
@@ -74,14 +72,17 @@ def test_layers_compile_in_place_without_dynamos_ddp_graph_splitting(
             super().__init__()
             self.blocks = torch.nn.ModuleList([Block(4, 4), Block(4, 4)])
 
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
-    model = Model()
-    no_ddp_graph_splitting()
-    assert compile_layers(model) == (
-        "torch_compile: 2 Block layers compiled (the first steps, and the first step of each new "
-        "row length, wait for the compiler)"
-    )
-    assert torch._dynamo.config.optimize_ddp is False
+    # Not monkeypatch.setattr: dynamo's config is a module whose values live outside its
+    # __dict__, so pytest would undo the patch by deleting the setting (hiding it from every
+    # later test); the config's own patch() restores the value.
+    with torch._dynamo.config.patch(optimize_ddp=True):
+        model = Model()
+        no_ddp_graph_splitting()
+        assert compile_layers(model) == (
+            "torch_compile: 2 Block layers compiled (the first steps, and the first step of each "
+            "new row length, wait for the compiler)"
+        )
+        assert torch._dynamo.config.optimize_ddp is False
     assert [name for name, _ in model.named_parameters()] == [
         "blocks.0.weight",
         "blocks.0.bias",

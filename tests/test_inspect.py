@@ -141,6 +141,8 @@ def test_colours_on_a_terminal(
     from runner.data.inspection import inspect_recipe
 
     monkeypatch.setenv("FORCE_COLOR", "1")
+    # a colour terminal: under TERM=dumb (CI) rich prints no colour even when forced
+    monkeypatch.setenv("TERM", "xterm-256color")
     monkeypatch.delenv("NO_COLOR", raising=False)
     recipe = load_recipe(write_recipe(tmp_path, dataset={"shuffle": False}))
     inspect_recipe(recipe, n=1, lint_rows=10, plain=False, echo=print)
