@@ -39,7 +39,7 @@ def format_warnings(metrics: dict[str, Any]) -> list[str]:
 
 def tokenize_warnings(metrics: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     """From the tokenize stage's counts (`metrics[split]`) and tokenizer facts."""
-    out = []
+    out = [f"chat template: {problem}" for problem in metrics.get("turns") or []]
     facts = metrics.get("tokenizer") or {}
     max_length = cfg["max_length"]
     for split in ("train", "heldout"):
