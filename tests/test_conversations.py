@@ -351,3 +351,45 @@ def test_inspect_shows_every_turn_with_its_mask(tmp_path: Path) -> None:
         "assistant (trained)  | Q: A: 7",
     ]
     assert lines[at + 5].startswith("labels               | [masked]")
+
+
+def test_sharegpt_and_alpaca_recipes_format_as_their_messages_form(tmp_path: Path) -> None:
+    chats = [conversation(1 + i % 3, i % 2 == 0) for i in range(6)]
+    plain = [[{"role": m["role"], "content": m["content"]} for m in c] for c in chats]
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    share = [
+        {"chat": [{"from": names[m["role"]], "value": m["content"]} for m in c]} for c in plain
+    ]
+    as_messages = prepare(
+        load_recipe(chat_recipe(tmp_path / "m", [{"messages": c} for c in plain]))
+    )
+    recipe = chat_recipe(tmp_path / "s", share)
+    text = recipe.read_text().replace('format = "messages"', 'format = "sharegpt"')
+    recipe.write_text(text + '\n[dataset.sharegpt]\ncolumn = "chat"\n')
+    as_sharegpt = prepare(load_recipe(recipe))
+    assert as_sharegpt.train.to_dict() == as_messages.train.to_dict()
+
+    rows = [{"instruction": f"say {i}", "output": f"answer {i}"} for i in range(4)]
+    recipe = chat_recipe(tmp_path / "a", rows, system="be brief")
+    text = recipe.read_text().replace('format = "messages"', 'format = "alpaca"')
+    recipe.write_text(text)
+    out = prepare(load_recipe(recipe))
+    assert json.loads(out.train["messages"][1]) == [
+        {"role": "system", "content": "be brief", "train": False},
+        {"role": "user", "content": "say 1", "train": False},
+        {"role": "assistant", "content": "answer 1", "train": True},
+    ]
+    assert (out.train["prompt"][1], out.train["response"][1]) == (
+        "system: be brief\nuser: say 1",
+        "answer 1",
+    )
+
+
+@pytest.mark.parametrize("fmt", ["chat_template", "plain"])
+def test_a_text_prompt_is_the_user_turn_of_a_conversation_recipe(fmt: str) -> None:
+    tok = make_tokenizer(chat_template=IM_TEMPLATE)
+    enc = Encoder(tok, fmt, turns=True, system="be brief")
+    history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert enc.prompt_ids(["hi"]) == [enc.conversation_prompt_ids(history)]
+    if fmt == "plain":
+        assert tok.decode(enc.prompt_ids(["hi"])[0]) == "<s>system: be brief\nuser: hi\nassistant: "

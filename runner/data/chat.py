@@ -46,7 +46,12 @@ class Encoder:
         fmt: str,
         where: str = "template.format",
         literal: Mapping[str, str] | None = None,
+        turns: bool = False,
+        system: str | None = None,
     ) -> None:
+        """`turns`: the recipe trains on conversations (dataset.format), so a text prompt is
+        the user's turn of a new conversation (after `system`, template.system)."""
+        self.turns, self.system = turns, system
         if fmt not in FORMATS:
             raise RecipeError(f"{where}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
         if tok.eos_token_id is None:
@@ -204,10 +209,12 @@ class Encoder:
 
     def prompt_ids(self, prompts: Sequence[str | Conversation]) -> list[list[int]]:
         """What generation starts from: the prompt as the format presents it to the model; a
-        conversation (a list of messages ending with a user turn) as `conversation_prompt_ids`."""
-        if any(not isinstance(p, str) for p in prompts):
+        conversation (a list of messages ending with a user turn) as `conversation_prompt_ids`;
+        with `turns`, a text is the user's turn of a new conversation."""
+        if self.turns or any(not isinstance(p, str) for p in prompts):
+            system = [{"role": "system", "content": self.system}] if self.system else []
             return [
-                self.prompt_ids([p])[0] if isinstance(p, str) else self.conversation_prompt_ids(p)
+                self.conversation_prompt_ids([*system, _user(p)] if isinstance(p, str) else p)
                 for p in prompts
             ]
         texts = [str(p) for p in prompts]

@@ -57,21 +57,14 @@ def prompts(ctx: Context) -> list[dict[str, Any]]:
     if MESSAGES in heldout.column_names:  # a conversation: its turns before the last reply
         for r, text in zip(rows, heldout[MESSAGES][: len(rows)], strict=True):
             r["messages"] = loads(text)[:-1]
-        system = ctx.recipe.section("template").get("system")
-        for extra in cfg["prompts"]:
-            text = "\n".join(str(v) for v in extra.values())  # the user's turn, as written
-            turns = [{"role": "system", "content": system}] if system else []
-            rows.append({"prompt": text, "reference": None, "messages": [*turns, _user(text)]})
+        for extra in cfg["prompts"]:  # the user's turn, as written (the encoder adds the rest)
+            rows.append({"prompt": "\n".join(map(str, extra.values())), "reference": None})
     else:
         renderer = Renderer(template_sources(ctx.recipe))
         for i, extra in enumerate(cfg["prompts"]):
             text = renderer.render_part("prompt", extra, i, "compare.prompts", drop_hint=False)
             rows.append({"prompt": text, "reference": None})
     return [{"index": i, **r} for i, r in enumerate(rows)]
-
-
-def _user(text: str) -> dict[str, str]:
-    return {"role": "user", "content": text}
 
 
 def heldout_loss(model: Any, tok: Any, ctx: Context) -> float | None:
