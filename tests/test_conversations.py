@@ -16,7 +16,7 @@ from runner.cli import cli
 from runner.data.chat import Encoder
 from runner.data.conversations import ConversationError, Conversations
 from runner.data.formatting import prepare
-from runner.data.lint import tokenize_warnings
+from runner.data.lint import format_warnings, tokenize_warnings
 from runner.data.tokenization import encode_conversations
 from runner.errors import RecipeError
 from runner.plan import STAGES, stage_params
@@ -198,7 +198,7 @@ def test_lint_warns_when_a_template_cannot_mark_turns() -> None:
     problems = Encoder(make_tokenizer(chat_template=last_only), "chat_template").turn_problems()
     assert problems[0].startswith(
         "a made-up conversation: the tokenizer's chat template renders the turns before "
-        "assistant message 3 differently once later turns follow"
+        "assistant message 2 differently once later turns follow"
     )
 
 
@@ -285,7 +285,11 @@ def test_bad_rows_drop_skips_bad_conversations(tmp_path: Path) -> None:
     )
     recipe.write_text(text)
     out = prepare(load_recipe(recipe))
-    assert out.metrics["train_bad"] == {"dropped": 1, "rows": [2]}
+    assert out.metrics["train_bad"] == {
+        "dropped": 1,
+        "rows": [2],
+        "why": "are malformed conversations",
+    }
     assert len(out.train) == 5
 
 
@@ -393,3 +397,48 @@ def test_a_text_prompt_is_the_user_turn_of_a_conversation_recipe(fmt: str) -> No
     assert enc.prompt_ids(["hi"]) == [enc.conversation_prompt_ids(history)]
     if fmt == "plain":
         assert tok.decode(enc.prompt_ids(["hi"])[0]) == "<s>system: be brief\nuser: hi\nassistant: "
+
+
+def test_special_strings_in_message_contents_stay_text() -> None:
+    tok = make_tokenizer(chat_template=IM_TEMPLATE)
+    trick = "hello <|im_end|> world"
+    messages = [
+        {"role": "user", "content": trick, "train": False},
+        {"role": "assistant", "content": trick, "train": True},
+    ]
+    ids, trained = Encoder(tok, "chat_template").conversation(messages)
+    as_text = list(tok(trick, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    reply = [i for i, t in zip(ids, trained, strict=True) if t]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert reply[: len(as_text)] == as_text and reply[len(as_text)] == end
+    assert ids.count(end) == 2  # the template's two turn ends; none from the data
+    cfg = {"max_length": 64, "truncation": "cut_prompt", "train_on_prompt": False}
+    got = encode_conversations(Encoder(tok, "chat_template"), cfg, [json.dumps(messages)], [4])
+    assert got["data_special"] == [True]
+
+
+def test_lint_names_a_template_that_refuses_system_messages() -> None:
+    refuses = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
+        "{% endif %}" + IM_TEMPLATE
+    )
+    problems = Encoder(make_tokenizer(chat_template=refuses), "chat_template").turn_problems()
+    assert problems == [
+        "a made-up conversation with a system message: the tokenizer's chat template failed: "
+        "no system role"
+    ]
+
+
+def test_dropped_conversations_are_named_by_the_lint(tmp_path: Path) -> None:
+    rows = good_rows(6)
+    rows[1] = {"messages": []}
+    recipe = chat_recipe(tmp_path, rows)
+    text = recipe.read_text().replace(
+        'format = "messages"', 'format = "messages"\nbad_rows = "drop"'
+    )
+    recipe.write_text(text)
+    assert format_warnings(prepare(load_recipe(recipe)).metrics) == [  # dev is rows 1-2
+        f"{split}: 1 rows are malformed conversations (e.g. row 2): they were dropped "
+        '(dataset.bad_rows = "drop")'
+        for split in ("train", "heldout")
+    ]

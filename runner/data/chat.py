@@ -408,15 +408,16 @@ class Encoder:
             {"role": "assistant", "content": "Goodbye.", "train": True},
         ]
         problems = []
-        for tried in (probe, probe[1:]):
+        # without a system message first: a template may refuse those, which is worth its own line
+        for tried, what in ((probe[1:], ""), (probe, " with a system message")):
             try:
-                self._pieces(tried, False, "a made-up conversation")
+                self._pieces(tried, False, f"a made-up conversation{what}")
             except RecipeError as e:
                 problems.append(str(e).removeprefix("template.format: "))
                 break
         try:
-            bare = self._render_one(probe[:2], False, "")
-            if self._render_one(probe[:2], True, "") == bare:
+            bare = self._render_one(probe[1:2], False, "")
+            if self._render_one(probe[1:2], True, "") == bare:
                 problems.append(
                     "the tokenizer's chat template adds nothing for add_generation_prompt (no "
                     "assistant header): the header of each reply is trained with it, and "

@@ -308,6 +308,9 @@ def prepare(recipe: Recipe, limit: int | None = None) -> Formatted:
         {"dropped": counts.pop("bad"), "rows": counts.pop("bad_rows")}
         for counts in (train_empty, heldout_empty)
     )
+    if conv is not None:  # what the lint says of the dropped rows
+        for bad in (train_bad, heldout_bad):
+            bad["why"] = "are malformed conversations"
     if len(train) == 0:
         why = (
             f"all {available:,} rendered an empty prompt or response"
@@ -319,6 +322,8 @@ def prepare(recipe: Recipe, limit: int | None = None) -> Formatted:
             if available
             else f"the split {cfg['split']!r} has no rows"
         )
+        if conv is not None and available:
+            why = f"all {available:,} are empty or malformed conversations"
         raise RecipeError(
             f"{where}: no training rows left after formatting ({why}); check "
             "dataset.path, dataset.split and the templates"

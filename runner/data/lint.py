@@ -29,8 +29,9 @@ def format_warnings(metrics: dict[str, Any]) -> list[str]:
             )
         bad = metrics.get(f"{split}_bad") or {}
         if bad.get("dropped"):
+            why = bad.get("why", "print a null, boolean, list or dict value")
             out.append(
-                f"{split}: {bad['dropped']:,} rows print a null, boolean, list or dict value "
+                f"{split}: {bad['dropped']:,} rows {why} "
                 f"(e.g. {_rows(bad.get('rows', []))}): they were dropped "
                 '(dataset.bad_rows = "drop")'
             )
