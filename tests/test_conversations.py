@@ -442,3 +442,19 @@ def test_dropped_conversations_are_named_by_the_lint(tmp_path: Path) -> None:
         '(dataset.bad_rows = "drop")'
         for split in ("train", "heldout")
     ]
+
+
+def test_empty_turns_follow_template_empty(tmp_path: Path) -> None:
+    rows = [{"instruction": f"say {i}", "output": f"answer {i}"} for i in range(6)]
+    rows[2]["output"], rows[4]["instruction"] = " ", ""
+    recipe = chat_recipe(tmp_path, rows)
+    recipe.write_text(recipe.read_text().replace('format = "messages"', 'format = "alpaca"'))
+    out = prepare(load_recipe(recipe))
+    assert out.metrics["train_empty"] == {"prompt": 1, "response": 1, "rows": [3, 5], "dropped": 2}
+    recipe.write_text(recipe.read_text().replace("[template]", '[template]\nempty = "error"'))
+    with pytest.raises(RecipeError) as e:
+        prepare(load_recipe(recipe))
+    assert str(e.value) == (
+        "data: 2 train rows have an empty last assistant turn or nothing before it (rows 3, 5); "
+        'fix the data, or set template.empty = "drop" to drop them'
+    )

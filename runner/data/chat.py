@@ -14,6 +14,15 @@
 In every format `encode` returns (prompt ids, response ids) where the response ids end with the
 end token; the tokenize stage masks the prompt and truncates. No torch here.
 
+A conversation (dataset.format = messages / sharegpt / alpaca, see runner/data/conversations.py)
+goes through `conversation`: ids and a trained flag per token, turn by turn. chat_template: each
+assistant turn is what rendering it adds to the turns before it rendered with the generation
+prompt (so its header is masked and its end-of-turn text trained); chatglm3: ChatGLM3's role
+tokens, each trained reply with the role token (or `</s>`) after it, as ChatGLM3's fine-tuning
+trains it; plain: `role: text` lines (`user: ...\nassistant: `) masked, each reply and an eos
+trained. The boundaries come from rendering prefixes, never from searching the text; a template
+that renders earlier turns differently once later turns follow is refused.
+
 Text is text: a special-token string (`</s>`, `<|im_end|>`, `<|user|>`) that comes from the data
 is encoded as ordinary text in every format; only the format (bos, the chat template's headers,
 ChatGLM3's role tokens) and the recipe's own template text add control tokens. For plain, a

@@ -192,13 +192,14 @@ def render_conversations(
                 raise ConversationError(e.describe(source or "data", split, number)) from None
             bad_numbers.append(number)
             continue
-        prompt, response = readable(messages[:-1]), messages[-1]["content"]
-        if not prompt.strip() or not response.strip():
-            empty_p += not prompt.strip()
+        response = messages[-1]["content"]
+        asked = any(m["content"].strip() for m in messages[:-1])
+        if not asked or not response.strip():
+            empty_p += not asked
             empty_r += not response.strip()
             empty_rows.append(number)
             continue
-        out["prompt"].append(prompt)
+        out["prompt"].append(readable(messages[:-1]))
         out["response"].append(response)
         out[MESSAGES].append(dumps(messages))
         out[ROW].append(number)

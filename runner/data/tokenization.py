@@ -1,5 +1,5 @@
 """The tokenize stage's data logic: input_ids and labels; the loss is on the response and its
-end token only.
+end token only (for conversations: on the trained assistant turns, `encode_conversations`).
 
 The prompt/response ids come from `runner.data.chat.Encoder` (template.format); it masks
 the prompt (unless tokenize.train_on_prompt), applies tokenize.truncation, and counts what a
