@@ -62,7 +62,7 @@ def template_ids(tok: Any, messages: list[dict[str, Any]], generation: bool) -> 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 @pytest.mark.parametrize("system", [False, True])
-@pytest.mark.parametrize("turns", [1, 2, 3, 5])
+@pytest.mark.parametrize("turns", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("train", ["all", "alternate"])
 def test_messages_ids_and_labels_follow_the_chat_template_prefix_by_prefix(
     name: str, system: bool, turns: int, train: str
@@ -458,3 +458,42 @@ def test_empty_turns_follow_template_empty(tmp_path: Path) -> None:
         "data: 2 train rows have an empty last assistant turn or nothing before it (rows 3, 5); "
         'fix the data, or set template.empty = "drop" to drop them'
     )
+
+
+@pytest.mark.parametrize("fmt", ["chatglm3", "chat_template"])
+def test_content_summary_rows_as_conversations_keep_todays_ids_and_labels(fmt: str) -> None:
+    """The demo's rows through its templates, as today's prompt/response format and as a
+    one-turn conversation: the same input_ids and labels, truncation included."""
+    from runner.data.templates import Renderer, TemplateText
+    from runner.data.tokenization import encode_batch
+
+    root = Path(__file__).resolve().parents[1]
+    renderer = Renderer(
+        {
+            part: TemplateText(part, (root / "templates" / f"adgen_{part}.j2").read_text())
+            for part in ("prompt", "response")
+        }
+    )
+    lines = (root / "data" / "adgen-demo" / "train.jsonl").read_text(encoding="utf-8")
+    rendered = [
+        renderer.render(json.loads(line), i) for i, line in enumerate(lines.splitlines()[:24])
+    ]
+    prompts, responses = [p for p, _ in rendered], [r for _, r in rendered]
+    tok = make_tokenizer(chatglm3=fmt == "chatglm3", chat_template=IM_TEMPLATE)
+    enc = Encoder(tok, fmt)
+    for max_length in (512, 48):  # whole, and cut from the left
+        cfg = {"max_length": max_length, "truncation": "cut_prompt", "train_on_prompt": False}
+        today = encode_batch(enc, cfg, prompts, responses)
+        chats = [
+            json.dumps(
+                [
+                    {"role": "user", "content": p, "train": False},
+                    {"role": "assistant", "content": r, "train": True},
+                ]
+            )
+            for p, r in rendered
+        ]
+        turns = encode_conversations(enc, cfg, chats)
+        assert turns["input_ids"] == today["input_ids"]
+        assert turns["labels"] == today["labels"]
+        assert turns["truncated"] == today["truncated"]
