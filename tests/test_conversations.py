@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
+import tomllib
 from click.testing import CliRunner
 from datakit import IM_TEMPLATE, make_tokenizer, write_jsonl, write_recipe
 
@@ -497,3 +499,21 @@ def test_content_summary_rows_as_conversations_keep_todays_ids_and_labels(fmt: s
         assert turns["input_ids"] == today["input_ids"]
         assert turns["labels"] == today["labels"]
         assert turns["truncated"] == today["truncated"]
+
+
+def test_resolved_recipes_load_back(tmp_path: Path) -> None:
+    """`recipe show` writes every default (train_turns = "last" too): both kinds load back."""
+    for recipe in (write_recipe(tmp_path), chat_recipe(tmp_path / "c", good_rows(2), system="x")):
+        loaded = load_recipe(recipe)
+        resolved = tomllib.loads(loaded.to_toml())
+        del resolved["model"]["tiny"]  # written for every model, refused for a local one
+        again = recipe.parent / "resolved.toml"
+        again.write_text(tomli_w.dumps(resolved), encoding="utf-8")
+        assert load_recipe(again).data == loaded.data
+    bad = write_recipe(tmp_path / "t", template={"train_turns": "all"})
+    with pytest.raises(RecipeError) as e:
+        load_recipe(bad)
+    assert str(e.value) == (
+        f"{bad}:16: $.template.train_turns: only applies to conversations; set dataset.format "
+        '("messages", "sharegpt" or "alpaca") or remove it'
+    )

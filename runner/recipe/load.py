@@ -127,8 +127,9 @@ def cross_field_errors(
             errors.append(
                 (("template", part), f"{what} of {part} and {part}_file given; set exactly one")
             )
-    if fmt == "template":
-        for key in (k for k in ("train_turns", "system") if k in template):
+    if fmt == "template":  # a resolved recipe (`recipe show`) writes the default train_turns
+        set_here = [k for k in ("train_turns", "system") if k in template]
+        for key in (k for k in set_here if k == "system" or template[k] != "last"):
             errors.append(
                 (
                     ("template", key),
