@@ -19,6 +19,7 @@ from runner.data.sources import dataset_identity
 from runner.data.templates import template_identity
 from runner.models.resolve import tokenizer_identity, weights_identity
 from runner.recipe import Recipe, flatten
+from runner.recipe.schema import quiet_defaults
 from runner.rundir import (
     ADAPTER,
     COMPARE_ROWS,
@@ -131,8 +132,11 @@ def library_versions(names: tuple[str, ...]) -> dict[str, str]:
 
 def stage_params(recipe: Recipe, stage: Stage) -> dict[str, Any]:
     flat = flatten(recipe.data)
+    quiet = quiet_defaults()
     picked = {}
     for key, value in flat.items():
+        if key in quiet and value == quiet[key]:  # added later: existing runs stay done
+            continue
         if any(key == r or key.startswith(r + ".") for r in stage.reads) and not any(
             key == i or key.startswith(i + ".") for i in stage.ignores
         ):

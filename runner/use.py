@@ -85,7 +85,13 @@ def prompt_from_row(recipe: Recipe, row_json: str) -> str:
             f'--row: expected a JSON object such as \'{{"content": "..."}}\', '
             f"got {type(row).__name__}"
         )
-    return Renderer(template_sources(recipe)).render_part("prompt", row, 0)
+    sources = template_sources(recipe)
+    if "prompt" not in sources:
+        raise RecipeError(
+            f'--row: dataset.format = "{recipe.get("dataset.format")}" has no prompt template; '
+            "pass the user's turn with --prompt TEXT"
+        )
+    return Renderer(sources).render_part("prompt", row, 0)
 
 
 def template_variables(recipe: Recipe) -> list[str]:
@@ -95,7 +101,10 @@ def template_variables(recipe: Recipe) -> list[str]:
 
     from runner.data.templates import template_sources
 
-    source = template_sources(recipe)["prompt"].source
+    prompt = template_sources(recipe).get("prompt")
+    if prompt is None:  # a conversation format: a line is the user's turn
+        return []
+    source = prompt.source
     return sorted(meta.find_undeclared_variables(ImmutableSandboxedEnvironment().parse(source)))
 
 

@@ -14,6 +14,15 @@
 In every format `encode` returns (prompt ids, response ids) where the response ids end with the
 end token; the tokenize stage masks the prompt and truncates. No torch here.
 
+A conversation (dataset.format = messages / sharegpt / alpaca, see runner/data/conversations.py)
+goes through `conversation`: ids and a trained flag per token, turn by turn. chat_template: each
+assistant turn is what rendering it adds to the turns before it rendered with the generation
+prompt (so its header is masked and its end-of-turn text trained); chatglm3: ChatGLM3's role
+tokens, each trained reply with the role token (or `</s>`) after it, as ChatGLM3's fine-tuning
+trains it; plain: `role: text` lines (`user: ...\nassistant: `) masked, each reply and an eos
+trained. The boundaries come from rendering prefixes, never from searching the text; a template
+that renders earlier turns differently once later turns follow is refused.
+
 Text is text: a special-token string (`</s>`, `<|im_end|>`, `<|user|>`) that comes from the data
 is encoded as ordinary text in every format; only the format (bos, the chat template's headers,
 ChatGLM3's role tokens) and the recipe's own template text add control tokens. For plain, a
@@ -28,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from runner.errors import RecipeError
@@ -46,7 +55,12 @@ class Encoder:
         fmt: str,
         where: str = "template.format",
         literal: Mapping[str, str] | None = None,
+        turns: bool = False,
+        system: str | None = None,
     ) -> None:
+        """`turns`: the recipe trains on conversations (dataset.format), so a text prompt is
+        the user's turn of a new conversation (after `system`, template.system)."""
+        self.turns, self.system = turns, system
         if fmt not in FORMATS:
             raise RecipeError(f"{where}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
         if tok.eos_token_id is None:
@@ -202,15 +216,24 @@ class Encoder:
             return self._chat_template(prompts, responses)
         return self._chatglm3(prompts, responses)
 
-    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        """What generation starts from: the prompt as the format presents it to the model."""
+    def prompt_ids(self, prompts: Sequence[str | Conversation]) -> list[list[int]]:
+        """What generation starts from: the prompt as the format presents it to the model; a
+        conversation (a list of messages ending with a user turn) as `conversation_prompt_ids`;
+        with `turns`, a text is the user's turn of a new conversation."""
+        if self.turns or any(not isinstance(p, str) for p in prompts):
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            return [
+                self.conversation_prompt_ids([*system, _user(p)] if isinstance(p, str) else p)
+                for p in prompts
+            ]
+        texts = [str(p) for p in prompts]
         if self.fmt == "plain":
-            return self.ids(prompts, add_special_tokens=True, part="prompt")
+            return self.ids(texts, add_special_tokens=True, part="prompt")
         if self.fmt == "chat_template":
-            texts = self._render([[_user(p)] for p in prompts], generation=True)
-            spans = [_span_of(t, p, last=True) for t, p in zip(texts, prompts, strict=True)]
-            return self.ids(texts, add_special_tokens=False, spans=spans, part="prompt")
-        return [self._chatglm3_ids([_user(p)], generation=True) for p in prompts]
+            rendered = self._render([[_user(p)] for p in texts], generation=True)
+            spans = [_span_of(r, p, last=True) for r, p in zip(rendered, texts, strict=True)]
+            return self.ids(rendered, add_special_tokens=False, spans=spans, part="prompt")
+        return [self._chatglm3_ids([_user(p)], generation=True) for p in texts]
 
     def _chatglm3_ids(self, messages: list[dict[str, str]], generation: bool = False) -> list[int]:
         from runner.models.chatglm.tokenizer import encode_chatglm3_messages
@@ -260,6 +283,177 @@ class Encoder:
             p_out.append(head)
             r_out.append([*full[len(head) :], self.eos])
         return p_out, r_out
+
+    # Conversations (dataset.format = messages / sharegpt / alpaca): the rendered conversation
+    # in pieces, each masked or trained as a whole; a piece is text (encoded with its data
+    # spans, see `ids`) or ready ids. The boundaries come from rendering prefixes, never from
+    # searching the text: chat_template renders the turns before each assistant turn with the
+    # generation prompt (what is masked up to there) and with that turn (what it adds is the
+    # turn); chatglm3 does the same with ChatGLM3's role tokens; plain writes role lines.
+
+    def conversation(self, messages: Conversation, where: str = "") -> tuple[list[int], list[bool]]:
+        """Token ids of a whole conversation (ending with an assistant turn) and, per token,
+        whether it is trained: the assistant turns whose `train` is true, each with the end of
+        its turn (the template's end-of-turn text, ChatGLM3's next role token, plain's eos), and
+        an eos after the last turn when the template's turn does not end with it."""
+        ids: list[int] = []
+        trained: list[bool] = []
+        piece_ids: list[int] = []
+        for piece_ids, train in self._encoded(self._pieces(messages, False, where)):
+            ids += piece_ids
+            trained += [train] * len(piece_ids)
+        if self.fmt != "plain" and self.eos not in piece_ids:
+            ids.append(self.eos)
+            trained.append(bool(messages[-1].get("train")))
+        if self.fmt == "chatglm3":  # ChatGLM3 stops at the next role token: it is trained too
+            ends = [i for i in range(1, len(ids)) if trained[i - 1] and not trained[i]]
+            for i in ends:
+                trained[i] = True
+        return ids, trained
+
+    def conversation_prompt_ids(self, messages: Conversation, where: str = "") -> list[int]:
+        """What generation starts from for a conversation ending with a user turn."""
+        return [
+            i
+            for piece_ids, _ in self._encoded(self._pieces(messages, True, where))
+            for i in piece_ids
+        ]
+
+    def _encoded(self, pieces: list[Piece]) -> list[tuple[list[int], bool]]:
+        texts = [(i, p) for i, p in enumerate(pieces) if isinstance(p[0], str)]
+        encoded = self.ids(
+            [str(p[0]) for _, p in texts], add_special_tokens=False, spans=[p[2] for _, p in texts]
+        )
+        out: list[tuple[list[int], bool]] = [
+            (list(p[0]) if not isinstance(p[0], str) else [], p[1]) for p in pieces
+        ]
+        for (i, p), ids in zip(texts, encoded, strict=True):
+            out[i] = (ids, p[1])
+        return out
+
+    def _pieces(self, messages: Conversation, generation: bool, where: str) -> list[Piece]:
+        plain = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+        if self.fmt == "plain":
+            return self._plain_pieces(messages, generation)
+        pieces: list[Piece] = []
+        done: Any = "" if self.fmt == "chat_template" else []
+        start = 0  # first message not yet in a piece
+
+        def render(upto: int, gen: bool) -> Any:
+            if self.fmt == "chatglm3":
+                return self._chatglm3_ids(plain[:upto], generation=gen)
+            return self._render_one(plain[:upto], gen, where)
+
+        def masked(head: Any, upto: int) -> Piece:
+            part = head[len(done) :]
+            if isinstance(part, str):
+                return part, False, _spans_in(part, [m["content"] for m in plain[start:upto]])
+            return part, False, None
+
+        for k, m in enumerate(plain):
+            if m["role"] != "assistant":
+                continue
+            head, full = render(k, True), render(k + 1, False)
+            if head[: len(done)] != done or full[: len(head)] != head:
+                raise RecipeError(
+                    f"template.format: {where or 'a conversation'}: the tokenizer's chat "
+                    f"template renders the turns before assistant message {k + 1} differently "
+                    "once later turns follow (or the reply does not extend the generation "
+                    "prompt), so the turns cannot be told apart for the loss; use "
+                    'template.format = "plain" or a chat template that renders turns in order'
+                )
+            pieces.append(masked(head, k))
+            reply = full[len(head) :]
+            spans = _span_of(reply, m["content"]) if isinstance(reply, str) else None
+            pieces.append((reply, bool(messages[k].get("train")), spans))
+            done, start = full, k + 1
+        if generation:
+            pieces.append(masked(render(len(plain), True), len(plain)))
+        return pieces
+
+    def _plain_pieces(self, messages: Conversation, generation: bool) -> list[Piece]:
+        """`role: text` lines after the tokenizer's leading special tokens; an assistant turn
+        is `assistant: ` (masked), its text and the eos (trained when the turn is)."""
+        pieces: list[Piece] = [(self.affixes()[0], False, None)]
+        text, spans = "", []
+        for m in messages:
+            role, content = str(m["role"]), str(m["content"])
+            if role != "assistant":
+                text += f"{role}: "
+                spans.append((len(text), len(text) + len(content)))
+                text += content + "\n"
+                continue
+            pieces.append((text + "assistant: ", False, spans))
+            train = bool(m.get("train"))
+            pieces += [(content, train, [(0, len(content))]), ([self.eos], train, None)]
+            text, spans = "", []
+        if generation:
+            pieces.append((text + "assistant: ", False, spans))
+        return pieces
+
+    def _render_one(self, messages: list[dict[str, str]], generation: bool, where: str) -> str:
+        try:
+            text = self.tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation
+            )
+        except Exception as e:  # the template's own raise_exception, or a Jinja error
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise RecipeError(
+                f"template.format: {where or 'a conversation'}: the tokenizer's chat template "
+                f"failed: {first}"
+            ) from None
+        return str(text)
+
+    def turn_problems(self) -> list[str]:
+        """Why this chat template cannot mark the turns of a conversation, tried on a small
+        made-up one (lint: a warning per problem); [] when it can, or for other formats."""
+        if self.fmt != "chat_template":
+            return []
+        probe: list[dict[str, Any]] = [
+            {"role": "system", "content": "Be brief.", "train": False},
+            {"role": "user", "content": "Hi.", "train": False},
+            {"role": "assistant", "content": "Hello.", "train": True},
+            {"role": "user", "content": "Bye.", "train": False},
+            {"role": "assistant", "content": "Goodbye.", "train": True},
+        ]
+        problems = []
+        # without a system message first: a template may refuse those, which is worth its own line
+        for tried, what in ((probe[1:], ""), (probe, " with a system message")):
+            try:
+                self._pieces(tried, False, f"a made-up conversation{what}")
+            except RecipeError as e:
+                problems.append(str(e).removeprefix("template.format: "))
+                break
+        try:
+            bare = self._render_one(probe[1:2], False, "")
+            if self._render_one(probe[1:2], True, "") == bare:
+                problems.append(
+                    "the tokenizer's chat template adds nothing for add_generation_prompt (no "
+                    "assistant header): the header of each reply is trained with it, and "
+                    "generation starts without it"
+                )
+        except RecipeError:
+            pass
+        return problems
+
+
+Conversation = Sequence[Mapping[str, Any]]
+Piece = tuple[str | list[int], bool, list[tuple[int, int]] | None]
+
+
+def _spans_in(text: str, contents: list[str]) -> list[tuple[int, int]] | None:
+    """Where the contents of consecutive messages are in their rendered text, in order; None
+    (the plain rule) when the template changed one."""
+    spans, at = [], 0
+    for content in contents:
+        if not content:
+            continue
+        found = text.find(content, at)
+        if found < 0:
+            return None
+        spans.append((found, found + len(content)))
+        at = found + len(content)
+    return spans
 
 
 def _user(prompt: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from runner.data.conversations import MESSAGES, ConversationError, Conversations, dumps, readable
 from runner.data.sources import data_name, load_split, parse_split, slice_rows
 from runner.data.templates import DataValueError, Renderer, template_sources
 from runner.errors import RecipeError
@@ -165,6 +166,62 @@ def render_rows(
     return out, counts
 
 
+def render_conversations(
+    ds: Any,
+    conv: Conversations,
+    split: str,
+    on_empty: str = "drop",
+    source: str | None = None,
+    bad_rows: str = "error",
+) -> tuple[Any, dict[str, Any]]:
+    """Conversation rows as (prompt, response, MESSAGES, ROW): `render_rows` for
+    dataset.format = messages / sharegpt / alpaca. The prompt is the turns before the last
+    assistant turn as `role: text` lines, the response that turn (compare's reference)."""
+    from datasets import Dataset, Features, Value
+
+    required, optional = conv.columns()
+    used = [c for c in (*required, *optional) if c in ds.column_names]
+    out: dict[str, list[Any]] = {"prompt": [], "response": [], MESSAGES: [], ROW: []}
+    empty_p, empty_r, empty_rows, bad_numbers = 0, 0, [], []
+    for row in ds.select_columns([*used, ROW]):
+        number = row[ROW]
+        try:
+            messages = conv.messages(row)
+        except ConversationError as e:
+            if bad_rows != "drop":
+                raise ConversationError(e.describe(source or "data", split, number)) from None
+            bad_numbers.append(number)
+            continue
+        response = messages[-1]["content"]
+        asked = any(m["content"].strip() for m in messages[:-1])
+        if not asked or not response.strip():
+            empty_p += not asked
+            empty_r += not response.strip()
+            empty_rows.append(number)
+            continue
+        out["prompt"].append(readable(messages[:-1]))
+        out["response"].append(response)
+        out[MESSAGES].append(dumps(messages))
+        out[ROW].append(number)
+    counts = {
+        "prompt": empty_p,
+        "response": empty_r,
+        "rows": empty_rows[:SHOWN_ROWS],
+        "dropped": len(empty_rows),
+        "bad": len(bad_numbers),
+        "bad_rows": bad_numbers[:SHOWN_ROWS],
+    }
+    if empty_rows and on_empty == "error":
+        shown = ", ".join(str(n) for n in empty_rows[:SHOWN_ROWS])
+        raise RecipeError(
+            f"{source}: {len(empty_rows):,} {split} rows have an empty last assistant turn or "
+            f"nothing before it (rows {shown}); fix the data, or set template.empty = "
+            '"drop" to drop them'
+        )
+    features = Features({k: Value("int64" if k == ROW else "string") for k in out})
+    return Dataset.from_dict(out, features), counts
+
+
 def check_disjoint(recipe: Recipe, train: Any, heldout: Any) -> None:
     """Held-out rows must not be training rows (compare would score what was trained on):
     the same split sliced twice must not share source rows."""
@@ -196,14 +253,22 @@ def prepare(recipe: Recipe, limit: int | None = None) -> Formatted:
     each split (after shuffling and the held-out split), for a preview."""
     cfg = recipe.section("dataset")
     where = str(recipe.path)
-    renderer = Renderer(template_sources(recipe))  # template errors before any data is read
+    conv = Conversations.from_recipe(recipe)
+    # template errors before any data is read
+    renderer = Renderer(template_sources(recipe)) if conv is None else None
     train = load_rows(recipe, "dataset.split")
+    if conv is not None:
+        shown = [c for c in train.column_names if c != ROW]
+        conv.check_columns(train.column_names, str(recipe.origin("dataset.format")), shown)
     if cfg["shuffle"]:
         train = train.shuffle(seed=recipe.seed)
     train_name = split_name(recipe, "dataset.split")
     heldout_name = train_name
     if cfg["heldout_split"]:
         heldout = load_rows(recipe, "dataset.heldout_split")
+        if conv is not None:
+            shown = [c for c in heldout.column_names if c != ROW]
+            conv.check_columns(heldout.column_names, str(recipe.origin("dataset.format")), shown)
         heldout_name = split_name(recipe, "dataset.heldout_split")
     else:
         n = cfg["heldout_rows"]
@@ -227,14 +292,26 @@ def prepare(recipe: Recipe, limit: int | None = None) -> Formatted:
     on_empty = recipe.get("template.empty")
     bad_rows = recipe.get("dataset.bad_rows")
     source = data_name(recipe)
-    train, train_empty = render_rows(train, renderer, train_name, on_empty, source, bad_rows)
-    heldout, heldout_empty = render_rows(
-        heldout, renderer, heldout_name, on_empty, source, bad_rows
-    )
+    if conv is not None:
+        train, train_empty = render_conversations(
+            train, conv, train_name, on_empty, source, bad_rows
+        )
+        heldout, heldout_empty = render_conversations(
+            heldout, conv, heldout_name, on_empty, source, bad_rows
+        )
+    else:
+        assert renderer is not None
+        train, train_empty = render_rows(train, renderer, train_name, on_empty, source, bad_rows)
+        heldout, heldout_empty = render_rows(
+            heldout, renderer, heldout_name, on_empty, source, bad_rows
+        )
     train_bad, heldout_bad = (
         {"dropped": counts.pop("bad"), "rows": counts.pop("bad_rows")}
         for counts in (train_empty, heldout_empty)
     )
+    if conv is not None:  # what the lint says of the dropped rows
+        for bad in (train_bad, heldout_bad):
+            bad["why"] = "are malformed conversations"
     if len(train) == 0:
         why = (
             f"all {available:,} rendered an empty prompt or response"
@@ -246,6 +323,8 @@ def prepare(recipe: Recipe, limit: int | None = None) -> Formatted:
             if available
             else f"the split {cfg['split']!r} has no rows"
         )
+        if conv is not None and available:
+            why = f"all {available:,} are empty or malformed conversations"
         raise RecipeError(
             f"{where}: no training rows left after formatting ({why}); check "
             "dataset.path, dataset.split and the templates"

@@ -77,8 +77,14 @@ def inspect_recipe(
     import datasets
 
     from runner.data.chat import Encoder, template_literals
+    from runner.data.conversations import MESSAGES, loads
     from runner.data.formatting import ROW, prepare
-    from runner.data.tokenization import encode_batch, tokenize_split, tokenizer_facts
+    from runner.data.tokenization import (
+        encode_batch,
+        encode_conversations,
+        tokenize_split,
+        tokenizer_facts,
+    )
     from runner.models.load import load_tokenizer
     from runner.models.resolve import materialize
     from runner.quiet import quiet_libraries
@@ -93,7 +99,11 @@ def inspect_recipe(
     encoder = Encoder(tok, fmt, f"{recipe.path}: $.template.format", template_literals(recipe))
     train, heldout = formatted.train, formatted.heldout
     shown = train.select(range(min(n, len(train)))).to_dict()
-    encoded = encode_batch(encoder, cfg, shown["prompt"], shown["response"], shown[ROW])
+    conversations = shown.get(MESSAGES)
+    if conversations is not None:
+        encoded = encode_conversations(encoder, cfg, conversations, shown[ROW])
+    else:
+        encoded = encode_batch(encoder, cfg, shown["prompt"], shown["response"], shown[ROW])
     examples = [
         Example(number, p, r, ids, labels, trunc, not keep)
         for number, p, r, ids, labels, trunc, keep in zip(
@@ -110,6 +120,8 @@ def inspect_recipe(
     metrics: dict[str, Any] = {"tokenizer": tokenizer_facts(tok)}
     tokenized, metrics["train"] = tokenize_split(train, encoder, cfg)
     _, metrics["heldout"] = tokenize_split(heldout, encoder, cfg)
+    if conversations is not None:
+        metrics["turns"] = encoder.turn_problems()
     warnings = format_warnings(formatted.metrics) + tokenize_warnings(metrics, cfg)
     warnings += collator_check(
         recipe, tok, [tokenized[i] for i in range(min(8, len(tokenized)))], encoder.eos
@@ -138,6 +150,7 @@ def inspect_recipe(
                 (" (no loss)", None),
             ]
         )
+    label_width = 8 if conversations is None else 20
     for i, ex in enumerate(examples, start=1):
         trained = sum(1 for t in ex.labels if t != IGNORE_INDEX)
         state = (
@@ -151,14 +164,19 @@ def inspect_recipe(
             f"{len(ex.input_ids)} tokens: {trained} trained, "
             f"{len(ex.input_ids) - trained} masked{state}"
         )
-        out.block("prompt", ex.prompt)
-        out.block("response", ex.response)
+        if conversations is not None:  # every turn, and whether it is trained
+            for m in loads(conversations[i - 1]):
+                mask = "trained" if m["train"] or cfg["train_on_prompt"] else "masked"
+                out.block(f"{m['role']} ({mask})", m["content"], width=20)
+        else:
+            out.block("prompt", ex.prompt)
+            out.block("response", ex.response)
         runs = label_segments(tok, ex.input_ids, ex.labels)
         if plain:
-            out.line(f"labels   | {plain_label_view(runs)}")
+            out.line(f"{'labels':<{label_width}} | {plain_label_view(runs)}")
         else:
             out.segments(
-                [("labels   | ", None)]
+                [(f"{'labels':<{label_width}} | ", None)]
                 + [(text, TRAINED_STYLE if t else MASKED_STYLE) for text, t in runs]
             )
     out.line("")
@@ -189,10 +207,10 @@ class Printer:
     def line(self, text: str) -> None:
         self.segments([(text, None)])
 
-    def block(self, label: str, text: str) -> None:
+    def block(self, label: str, text: str, width: int = 8) -> None:
         lines = text.split("\n") or [""]
         for j, part in enumerate(lines):
-            self.line(f"{label if j == 0 else '':<8} | {part}")
+            self.line(f"{label if j == 0 else '':<{width}} | {part}")
 
     def segments(self, parts: list[Segment]) -> None:
         if self.plain:

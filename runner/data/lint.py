@@ -29,8 +29,9 @@ def format_warnings(metrics: dict[str, Any]) -> list[str]:
             )
         bad = metrics.get(f"{split}_bad") or {}
         if bad.get("dropped"):
+            why = bad.get("why", "print a null, boolean, list or dict value")
             out.append(
-                f"{split}: {bad['dropped']:,} rows print a null, boolean, list or dict value "
+                f"{split}: {bad['dropped']:,} rows {why} "
                 f"(e.g. {_rows(bad.get('rows', []))}): they were dropped "
                 '(dataset.bad_rows = "drop")'
             )
@@ -39,7 +40,7 @@ def format_warnings(metrics: dict[str, Any]) -> list[str]:
 
 def tokenize_warnings(metrics: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     """From the tokenize stage's counts (`metrics[split]`) and tokenizer facts."""
-    out = []
+    out = [f"chat template: {problem}" for problem in metrics.get("turns") or []]
     facts = metrics.get("tokenizer") or {}
     max_length = cfg["max_length"]
     for split in ("train", "heldout"):

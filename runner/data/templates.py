@@ -34,6 +34,8 @@ def template_sources(recipe: Recipe) -> dict[str, TemplateText]:
         if part in section:
             out[part] = TemplateText(f"template.{part}", section[part])
             continue
+        if f"{part}_file" not in section:  # a conversation format has no templates
+            continue
         path = recipe.resolve(section[f"{part}_file"])
         where = recipe.origin(f"template.{part}_file")
         try:

@@ -1,5 +1,5 @@
 """The tokenize stage's data logic: input_ids and labels; the loss is on the response and its
-end token only.
+end token only (for conversations: on the trained assistant turns, `encode_conversations`).
 
 The prompt/response ids come from `runner.data.chat.Encoder` (template.format); it masks
 the prompt (unless tokenize.train_on_prompt), applies tokenize.truncation, and counts what a
@@ -17,6 +17,7 @@ from typing import Any
 
 from runner.data.chat import Encoder
 from runner.data.collate import IGNORE_INDEX
+from runner.data.conversations import MESSAGES, loads
 from runner.data.formatting import ROW
 
 SHOWN_ROWS = 5
@@ -139,6 +140,70 @@ def encode_batch(
     return out
 
 
+def fit_turns(
+    ids: list[int], trained: list[bool], max_length: int, truncation: str, keep_prefix: int = 0
+) -> tuple[list[int], list[bool], bool] | None:
+    """A conversation that fits max_length as `fit` fits a prompt and response: the last trained
+    turn (and what follows it) is the response, everything before it the prompt, whose masks
+    travel with its tokens. Returns (ids, trained, truncated)."""
+    start = last_turn_start(trained)
+    fitted = fit(
+        list(range(start)), list(range(start, len(ids))), max_length, truncation, keep_prefix
+    )
+    if fitted is None:
+        return None
+    prompt, response, truncated = fitted
+    keep = prompt + response
+    return [ids[i] for i in keep], [trained[i] for i in keep], truncated
+
+
+def last_turn_start(trained: list[bool]) -> int:
+    """Where the last run of trained tokens starts (the length of its "prompt")."""
+    trained_at = [i for i, t in enumerate(trained) if t]
+    start = trained_at[-1] if trained_at else len(trained)
+    while start > 0 and trained[start - 1]:
+        start -= 1
+    return start
+
+
+def encode_conversations(
+    encoder: Encoder, cfg: dict[str, Any], conversations: list[str], rows: list[int] | None = None
+) -> dict[str, list[Any]]:
+    """`encode_batch` for conversation rows (their MESSAGES JSON): every turn rendered through
+    the format, the trained turns' tokens as labels (every token with train_on_prompt)."""
+    eos = encoder.eos
+    max_length = cfg["max_length"]
+    train_on_prompt = cfg["train_on_prompt"]
+    out: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", *FLAGS)}
+    numbers = rows if rows is not None else [0] * len(conversations)
+    for text, number in zip(conversations, numbers, strict=True):
+        messages = loads(text)
+        full_ids, full_trained = encoder.conversation(messages, f"row {number}")
+        fitted = fit_turns(
+            full_ids, full_trained, max_length, cfg["truncation"], encoder.prefix_length(full_ids)
+        )
+        ids, trained, truncated = fitted if fitted else ([], [], True)
+        if train_on_prompt:
+            trained = [True] * len(ids)
+        labels = [i if t else IGNORE_INDEX for i, t in zip(ids, trained, strict=True)]
+        end_trained = any(i == eos and t for i, t in zip(ids, trained, strict=True))
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+        out["trained"].append(sum(trained))
+        out["truncated"].append(truncated)
+        out["keep"].append(fitted is not None)
+        out["all_masked"].append(fitted is not None and not any(trained))
+        out["end_trained"].append(end_trained)
+        out["eos_masked"].append(fitted is not None and not end_trained and eos in ids)
+        out["prompt_over"].append(last_turn_start(full_trained) >= max_length)
+        out["data_special"].append(
+            any(encoder.data_specials(m["content"], [(0, len(m["content"]))]) for m in messages)
+        )
+        out["row"].append(number)
+    return out
+
+
 def summarize(mapped: Any) -> dict[str, Any]:
     """Counts and length percentiles from the flag columns (Arrow compute, no Python loop)."""
     import numpy as np
@@ -171,6 +236,8 @@ def tokenize_split(
     import numpy as np
 
     def enc(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if MESSAGES in batch:
+            return encode_conversations(encoder, cfg, batch[MESSAGES], batch.get(ROW))
         return encode_batch(encoder, cfg, batch["prompt"], batch["response"], batch.get(ROW))
 
     if len(ds) == 0:  # map would return no columns at all

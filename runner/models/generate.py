@@ -11,9 +11,18 @@ def prompt_encoder(recipe: Any, tok: Any) -> Any:
     """The Encoder the tokenize stage uses for this recipe: same template format, same special
     tokens (bos, ChatGLM3's `[gMASK]sop<|user|>...<|assistant|>`, a chat template's header)."""
     from runner.data.chat import Encoder, template_literals
+    from runner.data.conversations import Conversations
 
     where = f"{recipe.path}: $.template.format"
-    return Encoder(tok, recipe.get("template.format"), where, template_literals(recipe))
+    conv = Conversations.from_recipe(recipe)  # a text prompt is then a conversation's user turn
+    return Encoder(
+        tok,
+        recipe.get("template.format"),
+        where,
+        template_literals(recipe),
+        turns=conv is not None,
+        system=conv.system if conv is not None else None,
+    )
 
 
 def stop_token_ids(model: Any, tok: Any) -> list[int]:

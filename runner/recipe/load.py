@@ -111,12 +111,31 @@ def cross_field_errors(
     if model["name_or_path"] == BUILTIN_TINY:
         errors.extend(tiny_shape_errors(model["tiny"]))
     template = written.get("template", {})
+    fmt = data["dataset"].get("format", "template")
     for part in ("prompt", "response"):
         given = [k for k in (part, f"{part}_file") if k in template]
-        if len(given) != 1:
+        if fmt != "template" and given:
+            errors.append(
+                (
+                    ("template", given[0]),
+                    f'not used with dataset.format = "{fmt}" (conversations are rendered by '
+                    "template.format); remove it",
+                )
+            )
+        elif fmt == "template" and len(given) != 1:
             what = "both" if given else "neither"
             errors.append(
                 (("template", part), f"{what} of {part} and {part}_file given; set exactly one")
+            )
+    if fmt == "template":  # a resolved recipe (`recipe show`) writes the default train_turns
+        set_here = [k for k in ("train_turns", "system") if k in template]
+        for key in (k for k in set_here if k == "system" or template[k] != "last"):
+            errors.append(
+                (
+                    ("template", key),
+                    "only applies to conversations; set dataset.format "
+                    '("messages", "sharegpt" or "alpaca") or remove it',
+                )
             )
     ds = data["dataset"]
     # heldout_rows = 0 is fine for compare: it then generates for compare.prompts and says so.

@@ -24,6 +24,23 @@ def load_schema() -> dict[str, Any]:
     return schema
 
 
+@functools.cache
+def quiet_defaults() -> dict[str, Any]:
+    """{dotted key: default} of the keys marked `x-omit-default`: keys added after runs existed,
+    left out of the stage fingerprints while they hold their default, so that adding them
+    leaves every existing run done (runner/plan.py)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, sub in node.get("properties", {}).items():
+            if sub.get("x-omit-default") and "default" in sub:
+                out[prefix + key] = sub["default"]
+            walk(sub, f"{prefix}{key}.")
+
+    walk(load_schema(), "")
+    return out
+
+
 def json_path(path: tuple[str | int, ...]) -> str:
     out = "$"
     for part in path:

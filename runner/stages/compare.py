@@ -32,6 +32,7 @@ def prompts(ctx: Context) -> list[dict[str, Any]]:
     """Held-out rows (prompt + reference) and the recipe's extra prompts (no reference)."""
     from datasets import load_from_disk
 
+    from runner.data.conversations import MESSAGES, loads
     from runner.data.templates import Renderer, template_sources
 
     cfg = ctx.recipe.section("compare")
@@ -53,10 +54,16 @@ def prompts(ctx: Context) -> list[dict[str, Any]]:
                 else "add compare.prompts or held-out rows to see generations"
             )
         )
-    renderer = Renderer(template_sources(ctx.recipe))
-    for i, extra in enumerate(cfg["prompts"]):
-        text = renderer.render_part("prompt", extra, i, "compare.prompts", drop_hint=False)
-        rows.append({"prompt": text, "reference": None})
+    if MESSAGES in heldout.column_names:  # a conversation: its turns before the last reply
+        for r, text in zip(rows, heldout[MESSAGES][: len(rows)], strict=True):
+            r["messages"] = loads(text)[:-1]
+        for extra in cfg["prompts"]:  # the user's turn, as written (the encoder adds the rest)
+            rows.append({"prompt": "\n".join(map(str, extra.values())), "reference": None})
+    else:
+        renderer = Renderer(template_sources(ctx.recipe))
+        for i, extra in enumerate(cfg["prompts"]):
+            text = renderer.render_part("prompt", extra, i, "compare.prompts", drop_hint=False)
+            rows.append({"prompt": text, "reference": None})
     return [{"index": i, **r} for i, r in enumerate(rows)]
 
 
@@ -107,7 +114,7 @@ def run(ctx: Context) -> dict[str, Any]:
     model.eval()
     encoder = prompt_encoder(recipe, tok)  # prompts encoded exactly as the tokenize stage does
     rows = prompts(ctx)
-    texts = [r["prompt"] for r in rows]
+    texts = [r.pop("messages", None) or r["prompt"] for r in rows]
     with model.disable_adapter():
         before = generate(model, tok, encoder, texts, cfg, recipe.seed)
         loss_before = heldout_loss(model, tok, ctx)

@@ -8,6 +8,7 @@ from typing import Any
 
 from runner.context import Context
 from runner.data.chat import Encoder
+from runner.data.conversations import MESSAGES
 from runner.data.lint import tokenize_warnings
 from runner.data.tokenization import tokenize_split, tokenizer_facts
 from runner.errors import RecipeError
@@ -37,6 +38,8 @@ def run(ctx: Context) -> dict[str, Any]:
     metrics: dict[str, Any] = {"tokenizer": tokenizer_facts(tok)}
     for split in ("train", "heldout"):
         out[split], metrics[split] = tokenize_split(formatted[split], encoder, cfg, cfg["num_proc"])
+    if MESSAGES in formatted["train"].column_names:  # lint: can the template mark turns?
+        metrics["turns"] = encoder.turn_problems()
     if metrics["train"]["rows"] == 0:
         raise RecipeError(
             f"{recipe.path}: $.tokenize.max_length: every training row was dropped "
