@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RecipeError
-from runner.portable import Base, base_model, write_portable_recipe
+from runner.portable import Base, base_model, portable_recipe, write_portable_recipe
 from runner.quiet import quiet_libraries
 from runner.recipe import Recipe
 from runner.recipe.layers import is_local_path
@@ -162,11 +162,12 @@ def export_adapter(recipe: Recipe, out: Path, log: Echo) -> Path:
     if note:
         log(note)
     final = out.resolve()
+    portable = portable_recipe(recipe, final)
     tmp = fresh_tmp_dir(final)
     shutil.copytree(src, tmp)
     _name_the_base(tmp / "adapter_config.json", base_model(recipe, final))
     _drop_local_paths(tmp / "metrics.json")
-    portable = write_portable_recipe(recipe, tmp, final)
+    write_portable_recipe(recipe, tmp, portable)
     card = model_card(recipe, merged=False, out=final, data_path=portable.data_path)
     (tmp / "README.md").write_text(card, encoding="utf-8")
     replace_dir(tmp, final)
@@ -197,12 +198,13 @@ def export_merged(recipe: Recipe, out: Path, log: Echo) -> Path:
     note = stale_adapter_note(recipe)
     if note:
         log(note)
-    model, tok = merged_model(recipe, log)
     final = out.resolve()
+    portable = portable_recipe(recipe, final)
+    model, tok = merged_model(recipe, log)
     tmp = fresh_tmp_dir(final)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    portable = write_portable_recipe(recipe, tmp, final)
+    write_portable_recipe(recipe, tmp, portable)
     card = model_card(recipe, merged=True, out=final, data_path=portable.data_path)
     (tmp / "README.md").write_text(card, encoding="utf-8")
     replace_dir(tmp, final)

@@ -189,12 +189,12 @@ def _dataset(recipe: Recipe, data: dict[str, Any], placer: _Placer) -> None:
     data["dataset"]["path"] = "./" + where + (f"/{pattern}" if pattern else "")
 
 
-def write_portable_recipe(recipe: Recipe, folder: Path, out: Path) -> PortableRecipe:
-    """recipe.toml and the files it reads, written into `folder`: the export being built, that
-    will be renamed to `out`."""
+def write_portable_recipe(recipe: Recipe, folder: Path, portable: PortableRecipe) -> None:
+    """recipe.toml and the files it reads (`portable_recipe`, made before anything is written
+    so that a missing file leaves nothing behind), written into `folder`, the export being
+    built."""
     import tomli_w
 
-    portable = portable_recipe(recipe, out)
     for source, at in portable.copies.items():
         target = folder / at
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,6 @@ def write_portable_recipe(recipe: Recipe, folder: Path, out: Path) -> PortableRe
         )
     text = "\n".join(header) + "\n" + tomli_w.dumps(portable.data)
     (folder / "recipe.toml").write_text(text, encoding="utf-8")
-    return portable
 
 
 def _drop_none(data: Any) -> Any:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from datakit import write_jsonl, write_recipe
 
 from runner.errors import RecipeError
-from runner.portable import Base, base_model, write_portable_recipe
+from runner.portable import Base, base_model, portable_recipe, write_portable_recipe
 from runner.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def cli(*args: str) -> tuple[int, str]:
 def export_recipe(recipe_file: Path, out: Path, *sets: str, allow: tuple[str, ...] = ()) -> str:
     out.mkdir(parents=True)
     recipe = load_recipe(recipe_file, sets, allow=allow)
-    write_portable_recipe(recipe, out, out)
+    write_portable_recipe(recipe, out, portable_recipe(recipe, out))
     return (out / "recipe.toml").read_text(encoding="utf-8")
 
 
@@ -146,9 +146,8 @@ def test_a_missing_template_file_is_named(tmp_path: Path) -> None:
     )
     loaded = load_recipe(recipe)
     (tmp_path / "p.j2").unlink()
-    (tmp_path / "out").mkdir()
     with pytest.raises(RecipeError) as e:
-        write_portable_recipe(loaded, tmp_path / "out", tmp_path / "out")
+        portable_recipe(loaded, tmp_path / "out")
     assert str(e.value) == (
         f"{recipe}: $.template.prompt_file: {tmp_path / 'p.j2'} not found; the exported "
         "recipe needs it: restore it, or export from a checkout that has it"
