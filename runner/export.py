@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RecipeError
+from runner.portable import Base, base_model, portable_recipe, write_portable_recipe
 from runner.quiet import quiet_libraries
 from runner.recipe import Recipe
-from runner.rundir import ADAPTER
-from runner.state import fresh_tmp_dir, replace_dir
+from runner.recipe.layers import is_local_path
+from runner.state import fresh_tmp_dir, replace_dir, write_json_atomic
 from runner.use import Echo, require_adapter, shown, stale_adapter_note
 
 
@@ -48,24 +49,49 @@ def _state_metrics(recipe: Recipe, stage: str) -> dict[str, Any]:
     return state_metrics(state_path(recipe.run_dir, stage))
 
 
-def _is_hub_id(name: str) -> bool:
-    return ":" not in name and name.count("/") == 1 and not Path(name).expanduser().exists()
+def _is_hub_dataset(recipe: Recipe) -> bool:
+    return not is_local_path(("dataset", "path"), str(recipe.get("dataset.path")), recipe.base_dir)
 
 
-def model_card(recipe: Recipe, *, merged: bool) -> str:
-    """README.md: base model, recipe, data, training, before/after metrics; hub metadata on top."""
+def _base_lines(base: Base, recipe: Recipe) -> list[str]:
+    """The card's base model line, and for the built-in model how to get it."""
+    if base.kind == "hub":
+        return [
+            f"- base model: `{base.name}` on the Hugging Face hub"
+            + (f" (revision `{base.revision}`)" if base.revision else "")
+        ]
+    if base.kind == "local":
+        return [f"- base model: the local folder `{base.name}` (relative to this folder)"]
+    return [
+        f"- base model: `{base.name}`, the recipe runner's built-in tiny GLM, built from "
+        "`[model.tiny]` of `recipe.toml` and its corpus (cached by their content). To get it, "
+        "run `recipe run recipe.toml --until quantize-load` in this folder; "
+        "`runs/" + recipe.name + "/model/load.json` names the folder (`model_folder`)"
+    ]
+
+
+def _base_load(base: Base) -> str:
+    """The Python argument list that loads the base."""
+    if base.kind == "builtin":
+        return '"TINY_MODEL_FOLDER"'
+    return f'"{base.name}"' + (f', revision="{base.revision}"' if base.revision else "")
+
+
+def model_card(recipe: Recipe, *, merged: bool, out: Path, data_path: str | None = None) -> str:
+    """README.md: base model, recipe, data, training, before/after metrics; hub metadata on top.
+    `out` is the export folder (a local base is named relative to it); `data_path` the data as
+    the exported recipe names it."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from runner.report.table import metric_lines
 
-    base = str(recipe.get("model.name_or_path"))
-    revision = recipe.get("model.revision")
+    base = base_model(recipe, out)
     ds = recipe.section("dataset")
     fmt, train, compare = (_state_metrics(recipe, s) for s in ("format", "train", "compare"))
     data = ModelCardData(
-        base_model=base if _is_hub_id(base) else None,
+        base_model=base.name if base.kind == "hub" else None,
         library_name="transformers" if merged else "peft",
-        datasets=[ds["path"]] if _is_hub_id(str(ds.get("path", ""))) else None,
+        datasets=[ds["path"]] if _is_hub_dataset(recipe) else None,
         tags=["lora", "qlora", "recipe-runner"] + (["merged"] if merged else []),
         pipeline_tag="text-generation",
     )
@@ -79,10 +105,10 @@ def model_card(recipe: Recipe, *, merged: bool) -> str:
     lines = [
         f"# {what}: {recipe.name}",
         "",
-        f"- base model: `{base}`" + (f" (revision `{revision}`)" if revision else ""),
-        "- recipe: `recipe.toml` (resolved: defaults and overrides applied); "
-        "`recipe run recipe.toml` trains it again",
-        f"- data: `{ds.get('path')}`, split `{ds.get('split')}`, held out `{held}`"
+        *_base_lines(base, recipe),
+        "- recipe: `recipe.toml` (resolved: defaults and overrides applied; the files it reads "
+        "are under `inputs/`); `recipe run recipe.toml` in this folder trains it again",
+        f"- data: `{data_path or ds.get('path')}`, split `{ds.get('split')}`, held out `{held}`"
         + (f" ({rows})" if rows else ""),
     ]
     if train:
@@ -115,7 +141,12 @@ def model_card(recipe: Recipe, *, merged: bool) -> str:
         lines += [
             "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM",
-            f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+            *(
+                ["# TINY_MODEL_FOLDER: model_folder in runs/<name>/model/load.json (above)"]
+                if base.kind == "builtin"
+                else []
+            ),
+            f"base = AutoModelForCausalLM.from_pretrained({_base_load(base)})",
             'model = PeftModel.from_pretrained(base, "PATH")',
         ]
     lines += ["```", ""]
@@ -130,10 +161,16 @@ def export_adapter(recipe: Recipe, out: Path, log: Echo) -> Path:
     note = stale_adapter_note(recipe)
     if note:
         log(note)
-    tmp = fresh_tmp_dir(out.resolve())
+    final = out.resolve()
+    portable = portable_recipe(recipe, final)
+    tmp = fresh_tmp_dir(final)
     shutil.copytree(src, tmp)
-    (tmp / "README.md").write_text(model_card(recipe, merged=False), encoding="utf-8")
-    replace_dir(tmp, out.resolve())
+    _name_the_base(tmp / "adapter_config.json", base_model(recipe, final))
+    _drop_local_paths(tmp / "metrics.json")
+    write_portable_recipe(recipe, tmp, portable)
+    card = model_card(recipe, merged=False, out=final, data_path=portable.data_path)
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    replace_dir(tmp, final)
     log(f"adapter exported to {shown(out.resolve())}")
     return out
 
@@ -161,15 +198,16 @@ def export_merged(recipe: Recipe, out: Path, log: Echo) -> Path:
     note = stale_adapter_note(recipe)
     if note:
         log(note)
+    final = out.resolve()
+    portable = portable_recipe(recipe, final)
     model, tok = merged_model(recipe, log)
-    tmp = fresh_tmp_dir(out.resolve())
+    tmp = fresh_tmp_dir(final)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    resolved = recipe.run_dir / ADAPTER / "recipe.toml"
-    if resolved.is_file():
-        shutil.copy2(resolved, tmp / "recipe.toml")
-    (tmp / "README.md").write_text(model_card(recipe, merged=True), encoding="utf-8")
-    replace_dir(tmp, out.resolve())
+    write_portable_recipe(recipe, tmp, portable)
+    card = model_card(recipe, merged=True, out=final, data_path=portable.data_path)
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    replace_dir(tmp, final)
     size = sum(p.stat().st_size for p in out.resolve().rglob("*") if p.is_file())
     log(f"merged model ({model.dtype}) exported to {shown(out.resolve())} ({size / 2**20:.1f} MiB)")
     return out
@@ -217,8 +255,9 @@ def export_chatglm_adapter(recipe: Recipe, out: Path, log: Echo) -> Path:
     note = stale_adapter_note(recipe)
     if note:
         log(note)
-    base = str(recipe.get("model.name_or_path"))
     final = out.resolve()
+    named = base_model(recipe, final)
+    base = named.name
     tmp = fresh_tmp_dir(final)
     try:
         convert_adapter_dir(
@@ -240,6 +279,7 @@ def export_chatglm_adapter(recipe: Recipe, out: Path, log: Echo) -> Path:
         raise RecipeError(
             f"{shown(src)}: cannot write this adapter in ChatGLM3 names: {first}"
         ) from None
+    _name_the_base(tmp / "adapter_config.json", named)  # and the hub revision
     written = json.loads((tmp / "adapter_config.json").read_text(encoding="utf-8"))
     targets = written.get("target_modules")
     (tmp / "README.md").write_text(
@@ -256,6 +296,34 @@ def export_chatglm_adapter(recipe: Recipe, out: Path, log: Echo) -> Path:
     replace_dir(tmp, final)
     log(f"adapter in ChatGLM3 names exported to {shown(final)}")
     return out
+
+
+def _name_the_base(config_file: Path, base: Base) -> None:
+    """adapter_config.json names the base as the export does (peft writes the folder it loaded,
+    an absolute cache path), with the hub revision that peft's `revision` field carries."""
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base.name
+    if base.revision:
+        config["revision"] = base.revision
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _drop_local_paths(metrics_file: Path) -> None:
+    """metrics.json without the run's absolute paths (the adapter and model folders of the
+    machine that trained it): they mean nothing where the export goes."""
+    if not metrics_file.is_file():
+        return
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+
+    def keep(value: Any) -> bool:
+        return not (isinstance(value, str) and Path(value).is_absolute())
+
+    if isinstance(metrics, dict):
+        for stage in metrics.values():
+            if isinstance(stage, dict):
+                for key in [k for k, v in stage.items() if not keep(v)]:
+                    del stage[key]
+        write_json_atomic(metrics_file, metrics)
 
 
 def _adapter_weights(src: Path, again: str) -> Path:

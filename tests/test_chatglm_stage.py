@@ -6,6 +6,7 @@ exactly. Everything is built here in tmp_path."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -184,7 +185,8 @@ def test_chatglm_checkpoint_trains_and_exports_to_chatglm_names(
     assert exported.exit_code == 0, exported.output
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == sorted(CHATGLM_NAMES)
-    assert cfg["base_model_name_or_path"] == str(chatglm)
+    # the base as the export names it: the local folder relative to the export, not absolute
+    assert cfg["base_model_name_or_path"] == Path(os.path.relpath(chatglm, out)).as_posix()
     sd = load_file(str(out / "adapter_model.safetensors"))
     assert any(".self_attention.query_key_value.lora_A" in k for k in sd)
     assert not any("q_proj" in k or "gate_up_proj" in k for k in sd)

@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import datakit
+import pytest
 from datakit import mark_done
 
 from runner.plan import STAGE_NAMES, compute_plan, state_path
@@ -131,3 +134,31 @@ def test_stages_choose_expandable_segments_before_torch() -> None:
     assert chosen() == "expandable_segments:True"
     assert chosen(PYTORCH_ALLOC_CONF="max_split_size_mb:128") == "max_split_size_mb:128"
     assert chosen(PYTORCH_CUDA_ALLOC_CONF="expandable_segments:False") == "None"
+
+
+def test_compare_metrics_rerun_compare_alone(small_recipe: Path) -> None:
+    mark_done(small_recipe)
+    st = statuses(small_recipe, ('compare.metrics=["chrf", "exact_match"]',))
+    assert {n: s for n, (s, _) in st.items() if s != "done"} == {"compare": "stale"}
+    (reason,) = st["compare"][1]
+    assert reason.startswith("changed params: compare.metrics ['bleu-4', ")
+    assert reason.endswith(" -> ['chrf', 'exact_match']")
+
+
+def test_a_run_from_before_compare_metrics_reruns_compare_once(
+    small_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """State files written before the key existed: only compare re-runs (its scores of
+    space-separated text changed anyway), the model and the data stay done."""
+    real = datakit.load_recipe
+
+    def without_the_key(*args: Any, **kwargs: Any) -> Any:
+        recipe = real(*args, **kwargs)
+        del recipe.data["compare"]["metrics"]
+        return recipe
+
+    monkeypatch.setattr(datakit, "load_recipe", without_the_key)
+    mark_done(small_recipe)
+    st = statuses(small_recipe)
+    assert {n: s for n, (s, _) in st.items() if s != "done"} == {"compare": "stale"}
+    assert st["compare"][1][0].startswith("changed params: compare.metrics")

@@ -158,7 +158,7 @@ def test_merged_export_reproduces_the_unmerged_adapter_token_for_token(
 
 
 def test_adapter_export_with_a_model_card(
-    short_run: tuple[list[str], Path, str], tmp_path: Path
+    short_run: tuple[list[str], Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -170,8 +170,16 @@ def test_adapter_export_with_a_model_card(
     card = (out / "README.md").read_text(encoding="utf-8")
     metrics = json.loads((run_dir / "state" / "compare.json").read_text())["metrics"]
     assert card.startswith("---\nlibrary_name: peft\npipeline_tag: text-generation\n")
-    assert "- base model: `builtin:tiny-glm`" in card
-    assert "- data: `../data/adgen-demo`, split `train`, held out `dev[:32]`" in card
+    # the base as the user knows it, and how to get the built-in one; no cache path anywhere
+    assert "- base model: `builtin:tiny-glm`, the recipe runner's built-in tiny GLM" in card
+    assert "run `recipe run recipe.toml --until quantize-load` in this folder" in card
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "builtin:tiny-glm"
+    cache = os.environ["RECIPE_CACHE"]
+    for name in ("README.md", "adapter_config.json", "metrics.json", "recipe.toml"):
+        text = (out / name).read_text(encoding="utf-8")
+        assert cache not in text and str(run_dir) not in text and str(ROOT) not in text, name
+    assert "- data: `./inputs/data/adgen-demo`, split `train`, held out `dev[:32]`" in card
     assert "- training: 10 steps, final train loss" in card
     assert f"| rouge-l | {metrics['before']['rouge-l']} | {metrics['after']['rouge-l']} |" in card
     folder = json.loads((run_dir / "model" / "load.json").read_text())["model_folder"]
@@ -179,6 +187,13 @@ def test_adapter_export_with_a_model_card(
     assert any("lora_A" in name for name, _ in model.named_parameters())
     again = recipe_cli("export", str(RECIPE), *sets, "--adapter", str(out))
     assert again.exit_code == 2
+    # the exported recipe runs again from the export folder: its files are copied there
+    monkeypatch.chdir(out)
+    checked = recipe_cli("validate", "recipe.toml")
+    assert checked.exit_code == 0 and checked.stdout == "recipe.toml: ok\n", checked.output
+    planned = recipe_cli("plan", "recipe.toml")
+    assert planned.exit_code == 0, planned.output
+    assert f"run dir {out.resolve() / 'runs' / 'adgen-tiny'}" in planned.stdout
 
 
 def test_generation_prompts_are_the_training_prompts(

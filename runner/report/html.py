@@ -10,7 +10,7 @@ import json
 from html import escape
 from typing import Any
 
-from runner.report.metrics import METRICS
+from runner.report.metrics import NAMES
 
 LOWER_IS_BETTER = ("held-out loss", "held-out perplexity")
 NO_REFERENCE = '<span class="note">(extra prompt, no reference)</span>'
@@ -155,9 +155,9 @@ def recipe_summary(data: dict[str, Any]) -> list[tuple[str, str]]:
 def metric_rows(summary: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(metric, before, after) for the overlap metrics and the held-out loss."""
     before, after = summary.get("before") or {}, summary.get("after") or {}
-    names = {"bleu-4": "BLEU-4", "rouge-1": "ROUGE-1", "rouge-2": "ROUGE-2", "rouge-l": "ROUGE-L"}
     rows: list[tuple[str, Any, Any]] = [
-        (names[k], before[k], after.get(k)) for k in METRICS if k in before
+        (NAMES.get(k, k), v, after.get(k))
+        for k, v in before.items()  # the recipe's order
     ]
     loss = summary.get("heldout_loss")
     if loss:
@@ -191,14 +191,15 @@ def _metrics_table(summary: dict[str, Any]) -> str:
     seg = summary.get("segmentation")
     how = {
         "jieba": "ROUGE on jieba words, BLEU-4 on characters (as ChatGLM3's AdvertiseGen demo)",
-        "char": "BLEU-4 and ROUGE on characters",
+        "char": "BLEU-4 and ROUGE on characters (a script written without spaces)",
+        "words": "BLEU-4 by sacreBLEU (13a tokens), ROUGE on lowercased words",
     }
     if seg:
         notes = "; ".join(how.get(s, s) for s in seg.split("+"))
         n = summary.get("scored_examples", 0)
         out.append(
             f'<p class="note">{n} scored example{"" if n == 1 else "s"}; '
-            f"{escape(notes)}; F1 scores 0-100, loss lower is better.</p>"
+            f"{escape(notes)}; scores 0-100 (ROUGE: F1), loss lower is better.</p>"
         )
     return "\n".join(out)
 

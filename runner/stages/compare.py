@@ -123,8 +123,8 @@ def run(ctx: Context) -> dict[str, Any]:
     for r, b, a in zip(rows, before, after, strict=True):
         r["before"], r["after"] = b, a
         if r["reference"]:
-            r["before_scores"] = scores(b, r["reference"])
-            r["after_scores"] = scores(a, r["reference"])
+            r["before_scores"] = scores(b, r["reference"], cfg["metrics"])
+            r["after_scores"] = scores(a, r["reference"], cfg["metrics"])
     result = summary(rows)
     if loss_before is not None and loss_after is not None:
         result["heldout_loss"] = {
