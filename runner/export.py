@@ -49,8 +49,17 @@ def _state_metrics(recipe: Recipe, stage: str) -> dict[str, Any]:
     return state_metrics(state_path(recipe.run_dir, stage))
 
 
-def _is_hub_dataset(recipe: Recipe) -> bool:
-    return not is_local_path(("dataset", "path"), str(recipe.get("dataset.path")), recipe.base_dir)
+def _paths(ds: dict[str, Any]) -> str:
+    return ", ".join(str(s["path"]) for s in ds["sources"])
+
+
+def _hub_datasets(recipe: Recipe) -> list[str] | None:
+    """The hub data sets the recipe reads (dataset.path, or each source's), for the card."""
+    paths = [str(s["path"]) for s in recipe.section("dataset").get("sources") or []] or [
+        str(recipe.get("dataset.path"))
+    ]
+    hub = [p for p in paths if not is_local_path(("dataset", "path"), p, recipe.base_dir)]
+    return hub or None
 
 
 def _base_lines(base: Base, recipe: Recipe) -> list[str]:
@@ -91,7 +100,7 @@ def model_card(recipe: Recipe, *, merged: bool, out: Path, data_path: str | None
     data = ModelCardData(
         base_model=base.name if base.kind == "hub" else None,
         library_name="transformers" if merged else "peft",
-        datasets=[ds["path"]] if _is_hub_dataset(recipe) else None,
+        datasets=_hub_datasets(recipe),
         tags=["lora", "qlora", "recipe-runner"] + (["merged"] if merged else []),
         pipeline_tag="text-generation",
     )
@@ -108,7 +117,11 @@ def model_card(recipe: Recipe, *, merged: bool, out: Path, data_path: str | None
         *_base_lines(base, recipe),
         "- recipe: `recipe.toml` (resolved: defaults and overrides applied; the files it reads "
         "are under `inputs/`); `recipe run recipe.toml` in this folder trains it again",
-        f"- data: `{data_path or ds.get('path')}`, split `{ds.get('split')}`, held out `{held}`"
+        (
+            f"- data: `{data_path or ds.get('path')}`, split `{ds.get('split')}`, held out `{held}`"
+            if not ds.get("sources")
+            else f"- data: a mix of {len(ds['sources'])} sources: `{data_path or _paths(ds)}`"
+        )
         + (f" ({rows})" if rows else ""),
     ]
     if train:

@@ -30,6 +30,7 @@ from runner.data.templates import template_identity
 from runner.errors import RecipeError
 from runner.models.resolve import model_identity
 from runner.recipe import Recipe, flatten
+from runner.recipe.mix import rekeyed, source_recipes
 from runner.state import fingerprint, write_text_atomic
 
 if sys.version_info >= (3, 11):
@@ -89,6 +90,21 @@ def _commit(recipe: Recipe, kind: str, repo_id: str, revision: str) -> str:
         ) from None
 
 
+def _dataset_entry(recipe: Recipe, resolve_hub: bool) -> dict[str, Any]:
+    """One data set's lock entry: its hub revision (and commit), or its files' hashes."""
+    ds = dataset_identity(recipe)
+    dataset: dict[str, Any] = {"path": recipe.get("dataset.path")}
+    if "hub" in ds:
+        dataset.update(kind="hub", revision=ds["revision"])
+        if ds["name"] is not None:
+            dataset["name"] = ds["name"]
+        if resolve_hub:
+            dataset["commit"] = _commit(recipe, "dataset", ds["hub"], ds["revision"])
+    else:
+        dataset.update(kind="local", files=ds["files"])
+    return dataset
+
+
 def current_lock(recipe: Recipe, resolve_hub: bool) -> dict[str, Any]:
     """What the lock records for `recipe` now; hub commits only when `resolve_hub`."""
 
@@ -102,16 +118,15 @@ def current_lock(recipe: Recipe, resolve_hub: bool) -> dict[str, Any]:
     else:
         model["identity"] = fingerprint(ident)
         model["details"] = flatten({k: v for k, v in ident.items() if k != "kind"})
-    ds = dataset_identity(recipe)
-    dataset: dict[str, Any] = {"path": recipe.get("dataset.path")}
-    if "hub" in ds:
-        dataset.update(kind="hub", revision=ds["revision"])
-        if ds["name"] is not None:
-            dataset["name"] = ds["name"]
-        if resolve_hub:
-            dataset["commit"] = _commit(recipe, "dataset", ds["hub"], ds["revision"])
+    sources = source_recipes(recipe)
+    if sources:
+        entries = []
+        for s in sources:
+            with rekeyed(s):
+                entries.append(_dataset_entry(s.recipe, resolve_hub))
+        dataset: dict[str, Any] = {"sources": entries}
     else:
-        dataset.update(kind="local", files=ds["files"])
+        dataset = _dataset_entry(recipe, resolve_hub)
     return {
         "lock_version": LOCK_VERSION,
         "recipe": recipe.path.name,
@@ -186,42 +201,61 @@ def check_lock(recipe: Recipe, recipe_file: Path) -> tuple[list[str], list[str]]
             if old.get(key) != new.get(key):
                 drift(fmt.format(prefix=prefix, key=key), old.get(key), new.get(key))
 
-    def hub(section: str) -> None:
-        old, new = lock[section], now[section]
+    def hub(section: str, old: dict[str, Any], new: dict[str, Any], label: str) -> None:
         if new["revision"] == old.get("revision"):
-            if old.get("commit"):
+            if old.get("commit") and label == section:  # a source's revision: checked, not pinned
                 pins.append(f"{section}.revision={old['commit']}")
         elif new["revision"] != old.get("commit"):
-            drift(f"{section}.revision", old.get("revision"), new["revision"])
+            drift(f"{label}.revision", old.get("revision"), new["revision"])
         if section == "dataset" and old.get("name") != new.get("name"):
-            drift("dataset.name", old.get("name"), new.get("name"))
+            drift(f"{label}.name", old.get("name"), new.get("name"))
 
     def source(
-        section: str, where: str, local: Callable[[dict[str, Any], dict[str, Any]], None]
+        section: str,
+        where: str,
+        local: Callable[[dict[str, Any], dict[str, Any], str], None],
+        old: dict[str, Any],
+        new: dict[str, Any],
+        label: str,
     ) -> None:
         """Same place (`where`), same kind, then the hub's pins or the local files' contents."""
-        old, new = lock[section], now[section]
         if old.get(where) != new[where]:
-            drift(f"{section}.{where}", old.get(where), new[where])
+            drift(f"{label}.{where}", old.get(where), new[where])
         elif old.get("kind") != new["kind"]:
-            drift(f"{section}.kind", old.get("kind"), new["kind"])
+            drift(f"{label}.kind", old.get("kind"), new["kind"])
         elif new["kind"] == "hub":
-            hub(section)
+            hub(section, old, new, label)
         else:
-            local(old, new)
+            local(old, new, label)
 
-    def local_model(old: dict[str, Any], new: dict[str, Any]) -> None:
+    def local_model(old: dict[str, Any], new: dict[str, Any], label: str) -> None:
         if old.get("identity") != new["identity"]:
             before = len(drifts)
-            compare("model", old.get("details") or {}, new["details"], "{prefix}.{key}")
+            compare(label, old.get("details") or {}, new["details"], "{prefix}.{key}")
             if len(drifts) == before:
-                drift("model.identity", old.get("identity"), new["identity"])
+                drift(f"{label}.identity", old.get("identity"), new["identity"])
 
-    def local_dataset(old: dict[str, Any], new: dict[str, Any]) -> None:
-        compare("dataset.files", old.get("files") or {}, new["files"], '{prefix}["{key}"]')
+    def local_dataset(old: dict[str, Any], new: dict[str, Any], label: str) -> None:
+        compare(f"{label}.files", old.get("files") or {}, new["files"], '{prefix}["{key}"]')
 
-    source("model", "name_or_path", local_model)
-    source("dataset", "path", local_dataset)
+    source("model", "name_or_path", local_model, lock["model"], now["model"], "model")
+    if "sources" in now["dataset"] or "sources" in lock["dataset"]:
+        locked = lock["dataset"].get("sources")
+        current = now["dataset"].get("sources")
+        if not isinstance(locked, list) or not isinstance(current, list):
+            drift(
+                "dataset.sources",
+                "a mix" if locked else "one data set",
+                "a mix" if current else "one data set",
+            )
+        elif len(locked) != len(current):
+            drift("dataset.sources", f"{len(locked)} sources", f"{len(current)} sources")
+        else:
+            for i, (old, new) in enumerate(zip(locked, current, strict=True)):
+                label = f"dataset.sources[{i}]"
+                source("dataset", "path", local_dataset, old, new, label)
+    else:
+        source("dataset", "path", local_dataset, lock["dataset"], now["dataset"], "dataset")
     compare("templates", lock["templates"], now["templates"], '{prefix}["{key}"]')
 
     for name in sorted(set(lock["libraries"]) | set(now["libraries"])):

@@ -19,6 +19,7 @@ from runner.data.sources import dataset_identity
 from runner.data.templates import template_identity
 from runner.models.resolve import tokenizer_identity, weights_identity
 from runner.recipe import Recipe, flatten
+from runner.recipe.mix import rekeyed, source_recipes
 from runner.recipe.schema import quiet_defaults
 from runner.rundir import (
     ADAPTER,
@@ -55,7 +56,7 @@ STAGES: tuple[Stage, ...] = (
         "format",
         reads=("recipe.seed", "dataset", "template"),
         ignores=("template.format",),  # how text becomes tokens: read by tokenize
-        inputs=lambda r: {"dataset": dataset_identity(r), "templates": template_identity(r)},
+        inputs=lambda r: format_inputs(r),
         outputs=(FORMATTED,),
         libraries=("datasets", "jinja2"),
     ),
@@ -120,6 +121,20 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
+def format_inputs(recipe: Recipe) -> dict[str, Any]:
+    """The format stage's input files: the data (local files' hashes or the hub id and revision)
+    and the template files; of every [[dataset.sources]] table for a mix."""
+    sources = source_recipes(recipe)
+    if not sources:
+        return {"dataset": dataset_identity(recipe), "templates": template_identity(recipe)}
+    data, templates = {}, {}
+    for source in sources:
+        with rekeyed(source):
+            data[f"sources[{source.index}]"] = dataset_identity(source.recipe)
+            templates.update(template_identity(source.recipe))
+    return {"dataset": data, "templates": templates}
+
+
 def library_versions(names: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for name in names:
@@ -140,6 +155,11 @@ def stage_params(recipe: Recipe, stage: Stage) -> dict[str, Any]:
         if any(key == r or key.startswith(r + ".") for r in stage.reads) and not any(
             key == i or key.startswith(i + ".") for i in stage.ignores
         ):
+            if key == "dataset.sources" and isinstance(value, list):  # named one key at a time
+                for i, source in enumerate(value):
+                    for sub, v in flatten(source).items():
+                        picked[f"dataset.sources[{i}].{sub}"] = v
+                continue
             picked[key] = value
     return picked
 

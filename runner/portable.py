@@ -25,6 +25,7 @@ from runner.data.sources import local_files
 from runner.errors import RecipeError
 from runner.recipe import BUILTIN_TINY, Recipe
 from runner.recipe.layers import is_local_path
+from runner.recipe.mix import rekeyed, source_recipes
 
 INPUTS = "inputs"
 # Keys that name the machine that ran the recipe, not the training: left out of the export.
@@ -71,6 +72,10 @@ class PortableRecipe:
 
     @property
     def data_path(self) -> str:
+        """The data as the exported recipe names it (each source's path for a mix)."""
+        sources = self.data["dataset"].get("sources")
+        if sources:
+            return ", ".join(str(s["path"]) for s in sources)
         return str(self.data["dataset"]["path"])
 
 
@@ -152,7 +157,18 @@ def portable_recipe(recipe: Recipe, out: Path) -> PortableRecipe:
         base = base_model(recipe, out)
         if base.kind == "local":  # weights are not copied: the folder, seen from the export
             data["model"]["name_or_path"] = base.name
-    _dataset(recipe, data, placer)
+    mix = source_recipes(recipe)
+    if not mix:
+        _dataset(recipe, data["dataset"], placer)
+    for one in mix:  # each source's data and its own template files
+        with rekeyed(one):
+            written = data["dataset"]["sources"][one.index]
+            _dataset(one.recipe, written, placer)
+            for part in ("prompt_file", "response_file"):
+                if part in written:
+                    copied = _file(one.recipe, f"template.{part}")
+                    placer.add(copied, placer.anchor(copied))
+                    written[part] = "./" + placer.anchor(copied)
     for part in ("prompt_file", "response_file"):
         if isinstance(data["template"].get(part), str):
             source = _file(recipe, f"template.{part}")
@@ -161,7 +177,7 @@ def portable_recipe(recipe: Recipe, out: Path) -> PortableRecipe:
     return result
 
 
-def _dataset(recipe: Recipe, data: dict[str, Any], placer: _Placer) -> None:
+def _dataset(recipe: Recipe, section: dict[str, Any], placer: _Placer) -> None:
     """dataset.path: its data files copied (only those the loader reads), the value rewritten
     to the copy of the file, folder or glob it names; a hub id stays as it is."""
     raw = str(recipe.get("dataset.path"))
@@ -186,7 +202,7 @@ def _dataset(recipe: Recipe, data: dict[str, Any], placer: _Placer) -> None:
             placer.add(f, f"{where}/{Path(os.path.relpath(f, anchor_dir)).as_posix()}")
     else:
         placer.add(files[0], where)
-    data["dataset"]["path"] = "./" + where + (f"/{pattern}" if pattern else "")
+    section["path"] = "./" + where + (f"/{pattern}" if pattern else "")
 
 
 def write_portable_recipe(recipe: Recipe, folder: Path, portable: PortableRecipe) -> None:

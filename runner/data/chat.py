@@ -219,11 +219,19 @@ class Encoder:
     def prompt_ids(self, prompts: Sequence[str | Conversation]) -> list[list[int]]:
         """What generation starts from: the prompt as the format presents it to the model; a
         conversation (a list of messages ending with a user turn) as `conversation_prompt_ids`;
-        with `turns`, a text is the user's turn of a new conversation."""
-        if self.turns or any(not isinstance(p, str) for p in prompts):
+        with `turns`, a text is the user's turn of a new conversation. Without, texts and
+        conversations may come mixed (a [[dataset.sources]] mix of both): each as it trained."""
+        if self.turns:
             system = [{"role": "system", "content": self.system}] if self.system else []
             return [
                 self.conversation_prompt_ids([*system, _user(p)] if isinstance(p, str) else p)
+                for p in prompts
+            ]
+        if any(not isinstance(p, str) for p in prompts):
+            at = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+            text_ids = iter(self.prompt_ids([str(prompts[i]) for i in at]) if at else [])
+            return [
+                next(text_ids) if isinstance(p, str) else self.conversation_prompt_ids(p)
                 for p in prompts
             ]
         texts = [str(p) for p in prompts]

@@ -15,10 +15,12 @@ from runner.data.sources import data_name, load_split, parse_split, slice_rows
 from runner.data.templates import DataValueError, Renderer, template_sources
 from runner.errors import RecipeError
 from runner.recipe import Recipe
+from runner.recipe.mix import has_sources, rekeyed, source_recipes
 
 ROW = "__source_row__"  # 1-based row of the split in file order, for messages; never templated
 EMPTY_PROMPT, EMPTY_RESPONSE = "__empty_prompt__", "__empty_response__"
 BAD = "__bad_value__"  # the row printed a null, bool, list or dict (dataset.bad_rows = "drop")
+SOURCE = "__source__"  # the index of the [[dataset.sources]] table a mixed row came from
 SHOWN_ROWS = 5  # rows named in an empty-text warning or error
 
 
@@ -251,6 +253,8 @@ class Formatted:
 def prepare(recipe: Recipe, limit: int | None = None) -> Formatted:
     """The formatted train and held-out rows, in memory. `limit`: render only the first rows of
     each split (after shuffling and the held-out split), for a preview."""
+    if has_sources(recipe):
+        return prepare_mix(recipe, limit)
     cfg = recipe.section("dataset")
     where = str(recipe.path)
     conv = Conversations.from_recipe(recipe)
@@ -341,6 +345,88 @@ def prepare(recipe: Recipe, limit: int | None = None) -> Formatted:
         "rows_available": available,
     }
     return Formatted(train, heldout, metrics, train_name)
+
+
+PER_SOURCE = ("train_empty", "heldout_empty", "train_bad", "heldout_bad")
+
+
+def prepare_mix(recipe: Recipe, limit: int | None = None) -> Formatted:
+    """`prepare` for [[dataset.sources]]: each source formatted as a one-source recipe (its own
+    shuffle with recipe.seed and its own held-out rows), its training rows drawn as
+    runner/data/mixing.py counts them, then the mix shuffled with recipe.seed. The held-out rows
+    are every source's, shuffled too (compare's first rows come from every source). Each row
+    keeps its source's index in SOURCE."""
+    from datasets import Value, concatenate_datasets
+
+    from runner.data.mixing import mix_counts, pick
+
+    cfg = recipe.section("dataset")
+    sources = source_recipes(recipe)
+    done: list[Formatted] = []
+    for source in sources:
+        with rekeyed(source):
+            done.append(prepare(source.recipe))
+    counts = mix_counts(
+        [len(f.train) for f in done],
+        [s.weight for s in sources],
+        [s.rows for s in sources],
+        cfg["max_rows"],
+    )
+    talks = any(MESSAGES in f.train.column_names for f in done)
+    trains, helds, per_source = [], [], []
+    for source, f, count in zip(sources, done, counts, strict=True):
+        positions = pick(count, len(f.train))
+        parts = []
+        for ds in (f.train.select(positions), f.heldout):
+            if talks and MESSAGES not in ds.column_names:  # a template row: no conversation
+                ds = ds.add_column(MESSAGES, [""] * len(ds))
+            ds = ds.add_column(SOURCE, [source.index] * len(ds))
+            if ds.features[ROW] != Value("int64"):  # an empty split's column may be null
+                ds = ds.cast_column(ROW, Value("int64"))
+            parts.append(ds)
+        trains.append(parts[0])
+        helds.append(parts[1])
+        per_source.append(
+            {
+                "source": source.label,
+                "train_rows": len(positions),
+                "heldout_rows": len(f.heldout),
+                "available": len(f.train),
+                "repeated": max(0, len(positions) - len(f.train)),
+                # only what dropped rows: the lint names them per source
+                **{k: f.metrics[k] for k in PER_SOURCE if f.metrics[k].get("dropped")},
+            }
+        )
+    train = concatenate_datasets(trains)
+    heldout = concatenate_datasets(helds)
+    if cfg["shuffle"]:
+        train = train.shuffle(seed=recipe.seed)
+        heldout = heldout.shuffle(seed=recipe.seed)
+    if cfg["max_rows"] and len(train) > cfg["max_rows"]:  # without weights: a cap, as before
+        train = train.select(range(cfg["max_rows"]))
+        kept = train[SOURCE]
+        for entry in per_source:
+            entry["train_rows"] = 0
+        for index in kept:
+            per_source[index]["train_rows"] += 1
+    if len(train) == 0:
+        raise RecipeError(
+            f"{recipe.origin('dataset.sources')}: $.dataset.sources: the mix has no training "
+            "rows; give the sources rows, or raise their weights or rows"
+        )
+    available = len(train)
+    if limit is not None:
+        train = train.select(range(min(limit, len(train))))
+        heldout = heldout.select(range(min(limit, len(heldout))))
+    metrics = {
+        "train_rows": len(train),
+        "heldout_rows": len(heldout),
+        "dropped_empty": sum(f.metrics["dropped_empty"] for f in done),
+        "dropped_bad": sum(f.metrics["dropped_bad"] for f in done),
+        "rows_available": available,
+        "sources": per_source,
+    }
+    return Formatted(train, heldout, metrics, done[0].train_split)
 
 
 def empty_shards(splits: dict[str, Any]) -> dict[str, int]:

@@ -78,16 +78,16 @@ def inspect_recipe(
 
     from runner.data.chat import Encoder, template_literals
     from runner.data.conversations import MESSAGES, loads
-    from runner.data.formatting import ROW, prepare
+    from runner.data.formatting import ROW, SOURCE, prepare
     from runner.data.tokenization import (
-        encode_batch,
-        encode_conversations,
+        encode_rows,
         tokenize_split,
         tokenizer_facts,
     )
     from runner.models.load import load_tokenizer
     from runner.models.resolve import materialize
     from runner.quiet import quiet_libraries
+    from runner.recipe.mix import source_recipes
 
     quiet_libraries()
     datasets.disable_progress_bars()
@@ -100,10 +100,9 @@ def inspect_recipe(
     train, heldout = formatted.train, formatted.heldout
     shown = train.select(range(min(n, len(train)))).to_dict()
     conversations = shown.get(MESSAGES)
-    if conversations is not None:
-        encoded = encode_conversations(encoder, cfg, conversations, shown[ROW])
-    else:
-        encoded = encode_batch(encoder, cfg, shown["prompt"], shown["response"], shown[ROW])
+    encoded = encode_rows(encoder, cfg, shown)
+    labels = [s.label for s in source_recipes(recipe)]  # a mix names each row's source
+    where = [labels[s] for s in shown[SOURCE]] if SOURCE in shown else [formatted.train_split] * n
     examples = [
         Example(number, p, r, ids, labels, trunc, not keep)
         for number, p, r, ids, labels, trunc, keep in zip(
@@ -160,11 +159,11 @@ def inspect_recipe(
         )
         out.line("")
         out.line(
-            f"── example {i} of {len(examples)} · {formatted.train_split} row {ex.number} · "
+            f"── example {i} of {len(examples)} · {where[i - 1]} row {ex.number} · "
             f"{len(ex.input_ids)} tokens: {trained} trained, "
             f"{len(ex.input_ids) - trained} masked{state}"
         )
-        if conversations is not None:  # every turn, and whether it is trained
+        if conversations is not None and conversations[i - 1]:  # every turn, trained or not
             for m in loads(conversations[i - 1]):
                 mask = "trained" if m["train"] or cfg["train_on_prompt"] else "masked"
                 out.block(f"{m['role']} ({mask})", m["content"], width=20)

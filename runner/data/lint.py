@@ -35,6 +35,8 @@ def format_warnings(metrics: dict[str, Any]) -> list[str]:
                 f"(e.g. {_rows(bad.get('rows', []))}): they were dropped "
                 '(dataset.bad_rows = "drop")'
             )
+    for source in metrics.get("sources") or []:  # a mix: each source's own rows, named
+        out += [f"{source['source']}: {w}" for w in format_warnings(source)]
     return out
 
 

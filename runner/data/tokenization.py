@@ -204,6 +204,39 @@ def encode_conversations(
     return out
 
 
+def encode_rows(
+    encoder: Encoder, cfg: dict[str, Any], batch: dict[str, list[Any]]
+) -> dict[str, list[Any]]:
+    """Formatted rows encoded: conversations (MESSAGES) turn by turn, prompt/response rows as
+    pairs; a [[dataset.sources]] mix has both (a pair's MESSAGES is empty), each row encoded as
+    its source trained it, in order."""
+    rows = batch.get(ROW)
+    if MESSAGES not in batch:
+        return encode_batch(encoder, cfg, batch["prompt"], batch["response"], rows)
+    talks = [bool(m) for m in batch[MESSAGES]]
+    if all(talks):
+        return encode_conversations(encoder, cfg, batch[MESSAGES], rows)
+    numbers = rows if rows is not None else [0] * len(talks)
+    conv_at = [i for i, t in enumerate(talks) if t]
+    pair_at = [i for i, t in enumerate(talks) if not t]
+    convs = encode_conversations(
+        encoder, cfg, [batch[MESSAGES][i] for i in conv_at], [numbers[i] for i in conv_at]
+    )
+    pairs = encode_batch(
+        encoder,
+        cfg,
+        [batch["prompt"][i] for i in pair_at],
+        [batch["response"][i] for i in pair_at],
+        [numbers[i] for i in pair_at],
+    )
+    out: dict[str, list[Any]] = {k: [None] * len(talks) for k in convs}
+    for encoded, at in ((convs, conv_at), (pairs, pair_at)):
+        for key in out:
+            for j, i in enumerate(at):
+                out[key][i] = encoded[key][j]
+    return out
+
+
 def summarize(mapped: Any) -> dict[str, Any]:
     """Counts and length percentiles from the flag columns (Arrow compute, no Python loop)."""
     import numpy as np
@@ -236,9 +269,7 @@ def tokenize_split(
     import numpy as np
 
     def enc(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        if MESSAGES in batch:
-            return encode_conversations(encoder, cfg, batch[MESSAGES], batch.get(ROW))
-        return encode_batch(encoder, cfg, batch["prompt"], batch["response"], batch.get(ROW))
+        return encode_rows(encoder, cfg, batch)
 
     if len(ds) == 0:  # map would return no columns at all
         from datasets import Dataset, Features, Sequence, Value

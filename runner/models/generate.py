@@ -14,7 +14,13 @@ def prompt_encoder(recipe: Any, tok: Any) -> Any:
     from runner.data.conversations import Conversations
 
     where = f"{recipe.path}: $.template.format"
+    from runner.recipe.mix import source_recipes
+
     conv = Conversations.from_recipe(recipe)  # a text prompt is then a conversation's user turn
+    sources = source_recipes(recipe)
+    if sources:  # a mix: text prompts are user turns only when every source is a conversation
+        convs = [Conversations.from_recipe(s.recipe) for s in sources]
+        conv = convs[0] if all(c is not None for c in convs) else None
     return Encoder(
         tok,
         recipe.get("template.format"),

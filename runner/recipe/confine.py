@@ -116,17 +116,24 @@ def _glob_base(value: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
-def read_paths(data: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
-    """(key, value) of every path key the recipe writes (hub ids among them)."""
-    from runner.recipe.layers import PATH_KEYS
+def read_paths(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    """(key, value) of every path key the recipe writes (hub ids among them), each
+    [[dataset.sources]] table's path and template files too."""
+    from runner.recipe.layers import PATH_KEYS, SOURCE_PATH_KEYS
 
-    found = []
+    found: list[tuple[tuple[str | int, ...], str]] = []
     for key in (*PATH_KEYS, ("launch", "config_file")):
         node: Any = data
         for part in key:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, str) and node:
             found.append((key, node))
+    sources = data.get("dataset", {}).get("sources")
+    for i, source in enumerate(sources if isinstance(sources, list) else []):
+        for name in SOURCE_PATH_KEYS:
+            value = source.get(name) if isinstance(source, dict) else None
+            if isinstance(value, str) and value:
+                found.append((("dataset", "sources", i, name), value))
     return found
 
 
@@ -135,18 +142,22 @@ def path_errors(
     base_dir: Path,
     confinement: Confinement,
     run_dir_from_command_line: bool,
-) -> list[tuple[tuple[str, ...], str]]:
+) -> list[tuple[tuple[str | int, ...], str]]:
     """Every path key of the recipe (as written, parents rebased onto `base_dir`) checked
     against the confinement; the run directory checked unless the command line chose it."""
     from runner.recipe.layers import is_local_path
 
-    errors: list[tuple[tuple[str, ...], str]] = []
+    errors: list[tuple[tuple[str | int, ...], str]] = []
     for key, value in read_paths(written):
-        if key in (("model", "name_or_path"), ("dataset", "path")) and not is_local_path(
-            key, value, base_dir
+        # a source's path is read as dataset.path is
+        kind = (
+            ("dataset", "path") if key[:2] == ("dataset", "sources") and key[-1] == "path" else key
+        )
+        if kind in (("model", "name_or_path"), ("dataset", "path")) and not is_local_path(
+            kind, value, base_dir
         ):
             continue  # a hub id
-        globbed = key == ("dataset", "path") and any(c in value for c in "*?[")
+        globbed = kind == ("dataset", "path") and any(c in value for c in "*?[")
         target = Path(_glob_base(value) if globbed else value).expanduser()
         problem = confinement.read_problem(value, base_dir / target)
         if problem:

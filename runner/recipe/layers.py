@@ -34,6 +34,8 @@ PATH_KEYS: tuple[Key, ...] = (
     ("template", "prompt_file"),
     ("template", "response_file"),
 )
+# Path keys of each [[dataset.sources]] table.
+SOURCE_PATH_KEYS = ("path", "prompt_file", "response_file")
 # Setting one key of a pair in a file drops the other inherited from its parents.
 EXCLUSIVE: dict[Key, Key] = {
     ("template", "prompt"): ("template", "prompt_file"),
@@ -80,6 +82,18 @@ def load_layers(shown: Path, confinement: Confinement | None = None) -> Merged:
             continue
         if is_local_path(key, value, origin.path.parent):
             _put(merged.data, key, rebase(value, origin.path.parent, root.parent))
+    origin = merged.origins.get(("dataset", "sources"))
+    sources = _get(merged.data, ("dataset", "sources"))
+    if origin is not None and origin.path != root and isinstance(sources, list):
+        for source in sources:  # a parent's sources: their paths as seen from the recipe
+            for name in SOURCE_PATH_KEYS:
+                value = source.get(name) if isinstance(source, dict) else None
+                if isinstance(value, str) and is_local_path(
+                    ("dataset", "path") if name == "path" else ("template", name),
+                    value,
+                    origin.path.parent,
+                ):
+                    source[name] = rebase(value, origin.path.parent, root.parent)
     merged.files = files
     return merged
 

@@ -14,6 +14,7 @@ from typing import Any
 from runner.errors import RecipeError
 from runner.recipe.confine import Confinement, path_errors, remote_code_errors
 from runner.recipe.layers import load_layers, lookup
+from runner.recipe.mix import TEMPLATE_KEYS
 from runner.recipe.model import BUILTIN_TINY, Recipe
 from runner.recipe.problems import InvalidRecipe, Problem
 from runner.recipe.schema import json_path, schema_errors, subschema, with_defaults
@@ -61,9 +62,9 @@ def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 
 def cross_field_errors(
     written: dict[str, Any], data: dict[str, Any]
-) -> list[tuple[tuple[str, ...], str]]:
+) -> list[tuple[tuple[str | int, ...], str]]:
     """Rules a JSON Schema cannot say clearly. `written` is the recipe without defaults."""
-    errors: list[tuple[tuple[str, ...], str]] = []
+    errors: list[tuple[tuple[str | int, ...], str]] = []
     q_written = written.get("quantization", {})
     q = data["quantization"]
     if q["load_in_4bit"] and q["load_in_8bit"]:
@@ -111,23 +112,19 @@ def cross_field_errors(
     if model["name_or_path"] == BUILTIN_TINY:
         errors.extend(tiny_shape_errors(model["tiny"]))
     template = written.get("template", {})
-    fmt = data["dataset"].get("format", "template")
-    for part in ("prompt", "response"):
-        given = [k for k in (part, f"{part}_file") if k in template]
-        if fmt != "template" and given:
+    sources = data["dataset"].get("sources") or []
+    formats = {s.get("format", data["dataset"]["format"]) for s in sources} or {
+        data["dataset"].get("format", "template")
+    }
+    if sources:
+        errors.extend(source_errors(written, data))
+    else:
+        errors.extend(template_errors(template, data["dataset"].get("format", "template")))
+        if "path" not in data["dataset"]:
             errors.append(
-                (
-                    ("template", given[0]),
-                    f'not used with dataset.format = "{fmt}" (conversations are rendered by '
-                    "template.format); remove it",
-                )
+                (("dataset", "path"), "missing; give dataset.path or [[dataset.sources]] tables")
             )
-        elif fmt == "template" and len(given) != 1:
-            what = "both" if given else "neither"
-            errors.append(
-                (("template", part), f"{what} of {part} and {part}_file given; set exactly one")
-            )
-    if fmt == "template":  # a resolved recipe (`recipe show`) writes the default train_turns
+    if formats == {"template"}:  # a resolved recipe (`recipe show`) writes the default
         set_here = [k for k in ("train_turns", "system") if k in template]
         for key in (k for k in set_here if k == "system" or template[k] != "last"):
             errors.append(
@@ -139,7 +136,10 @@ def cross_field_errors(
             )
     ds = data["dataset"]
     # heldout_rows = 0 is fine for compare: it then generates for compare.prompts and says so.
-    if train["eval_steps"] > 0 and ds["heldout_split"] is None and ds["heldout_rows"] == 0:
+    held = [{**ds, **s} for s in sources] or [ds]
+    if train["eval_steps"] > 0 and all(
+        h["heldout_split"] is None and h["heldout_rows"] == 0 for h in held
+    ):
         errors.append(
             (
                 ("train", "eval_steps"),
@@ -156,6 +156,97 @@ def cross_field_errors(
             )
         )
     errors.extend(launch_errors(data))
+    return errors
+
+
+def template_errors(template: dict[str, Any], fmt: str) -> list[tuple[tuple[str, ...], str]]:
+    """Exactly one of prompt / prompt_file (and of response / response_file) for the template
+    format, none for a conversation format."""
+    errors: list[tuple[tuple[str, ...], str]] = []
+    for part in ("prompt", "response"):
+        given = [k for k in (part, f"{part}_file") if k in template]
+        if fmt != "template" and given:
+            errors.append(
+                (
+                    ("template", given[0]),
+                    f'not used with dataset.format = "{fmt}" (conversations are rendered by '
+                    "template.format); remove it",
+                )
+            )
+        elif fmt == "template" and len(given) != 1:
+            what = "both" if given else "neither"
+            errors.append(
+                (("template", part), f"{what} of {part} and {part}_file given; set exactly one")
+            )
+    return errors
+
+
+def source_errors(
+    written: dict[str, Any], data: dict[str, Any]
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """[[dataset.sources]]: no dataset.path beside them, weight or rows (not both), a weight on
+    every source or on none, and each source's templates as its format needs them."""
+    errors: list[tuple[tuple[str | int, ...], str]] = []
+    ds_written = written.get("dataset", {})
+    sources = data["dataset"]["sources"]
+    if "path" in ds_written:
+        errors.append(
+            (
+                ("dataset", "path"),
+                "set together with [[dataset.sources]]; give each source its own path and "
+                "remove dataset.path (or remove the sources)",
+            )
+        )
+    weighted = [i for i, s in enumerate(sources) if "weight" in s]
+    template = written.get("template", {})
+    shared_used = False
+    for i, src in enumerate(sources):
+        here: tuple[str | int, ...] = ("dataset", "sources", i)
+        if "weight" in src and "rows" in src:
+            errors.append(((*here, "rows"), "weight and rows both given; set one of them"))
+        elif weighted and "weight" not in src:
+            errors.append(
+                (
+                    here,
+                    f"no weight, but dataset.sources[{weighted[0]}] has one; give every "
+                    "source a weight, or none (then each takes its rows, or all its rows)",
+                )
+            )
+        fmt = src.get("format", data["dataset"]["format"])
+        for part in ("prompt", "response"):
+            own = [k for k in (part, f"{part}_file") if k in src]
+            if fmt != "template" and own:
+                errors.append(
+                    (
+                        (*here, own[0]),
+                        f'not used with format = "{fmt}" (conversations are rendered by '
+                        "template.format); remove it",
+                    )
+                )
+            elif fmt == "template" and len(own) == 2:
+                errors.append(
+                    ((*here, part), f"both {part} and {part}_file given; set exactly one")
+                )
+            elif fmt == "template" and not own:
+                shared = [k for k in (part, f"{part}_file") if k in template]
+                shared_used = True
+                if len(shared) != 1:
+                    errors.append(
+                        (
+                            (*here, part),
+                            f"a template source without {part} or {part}_file, and [template] "
+                            f"has {'both' if shared else 'neither'}; set one here or in "
+                            "[template]",
+                        )
+                    )
+    if not shared_used:
+        for key in (k for k in TEMPLATE_KEYS if k in template):
+            errors.append(
+                (
+                    ("template", key),
+                    "used by no source (each sets its own, or is a conversation); remove it",
+                )
+            )
     return errors
 
 

@@ -138,6 +138,13 @@ def render_reference(schema: dict[str, Any] | None = None) -> str:
         for k, v in props.items():
             if v.get("type") == "object" and "properties" in v:
                 section(f"{dotted}.{k}", v)
+        for k, v in props.items():  # an array of tables: its tables' keys ([[dataset.sources]])
+            items = v.get("items", {})
+            if v.get("type") == "array" and "properties" in items:
+                out.extend([f"## `[[{dotted}.{k}]]`", "", v.get("description", ""), ""])
+                rows = [(f"{dotted}.{k}[].{key}", sub) for key, sub in items["properties"].items()]
+                needed = {f"{dotted}.{k}[].{key}" for key in items.get("required", [])}
+                out.extend([*_table(rows, needed), ""])
 
     for key, node in schema["properties"].items():
         if node.get("type") == "object":

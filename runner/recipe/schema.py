@@ -97,6 +97,11 @@ def _message(error: ValidationError) -> str:
             f"{str(error.instance).lower()} is a boolean, not {' or '.join(types)}; "
             f"write a number{_example(tuple(error.absolute_path))}"
         )
+    if error.validator == "exclusiveMinimum" and tuple(error.absolute_path)[-1:] == ("weight",):
+        return (
+            f"{error.instance} is not a share of the mix; give a number above 0 (weights are "
+            "relative: 3 and 1 make 75% and 25%), or remove the source"
+        )
     if error.validator == "enum":
         allowed: Any = error.validator_value
         return f"{error.instance!r} is not one of {', '.join(map(repr, allowed))}"

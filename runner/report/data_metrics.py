@@ -20,7 +20,22 @@ def format_lines(metrics: dict[str, Any]) -> list[str]:
         f"held out; {metrics.get('dropped_empty', 0):,} dropped for an empty prompt or "
         "response"
     ]
+    lines += source_lines(metrics)
     return lines + [f"warning: {w}" for w in format_warnings(metrics)]
+
+
+def source_lines(metrics: dict[str, Any]) -> list[str]:
+    """A mix ([[dataset.sources]]): the rows each source gave."""
+    out = []
+    train = max(int(metrics.get("train_rows", 0)), 1)
+    for i, s in enumerate(metrics.get("sources") or []):
+        repeated = f", {s['repeated']:,} repeated" if s.get("repeated") else ""
+        out.append(
+            f"source {i} {s['source']}: {s['train_rows']:,} train "
+            f"({100 * s['train_rows'] / train:.1f}%{repeated}) of {s['available']:,}, "
+            f"{s['heldout_rows']:,} held out"
+        )
+    return out
 
 
 def tokenize_lines(metrics: dict[str, Any], params: dict[str, Any]) -> list[str]:

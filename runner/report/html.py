@@ -125,7 +125,15 @@ def recipe_summary(data: dict[str, Any]) -> list[tuple[str, str]]:
     pairs = [
         ("recipe", get("recipe.name")),
         ("model", get("model.name_or_path")),
-        ("dataset", f"{get('dataset.path')} (split {get('dataset.split')})"),
+        (
+            "dataset",
+            f"{get('dataset.path')} (split {get('dataset.split')})"
+            if not get("dataset.sources")
+            else "; ".join(
+                f"{s.get('path')} (weight {s['weight']})" if "weight" in s else str(s.get("path"))
+                for s in get("dataset.sources")
+            ),
+        ),
         ("quantization", q),
         (
             "LoRA",

@@ -12,10 +12,17 @@ def _cell(text: str) -> str:
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     lines = ["# Before / after fine-tuning", ""]
     lines += metric_lines(summary)
-    lines += ["", "| # | prompt | reference | before | after |", "|---|---|---|---|---|"]
+    mixed = any("source" in r for r in rows)  # [[dataset.sources]]: the row's data set
+    source = (" | source" if mixed else "", "|---" if mixed else "")
+    lines += [
+        "",
+        f"| #{source[0]} | prompt | reference | before | after |",
+        f"|---{source[1]}|---|---|---|---|",
+    ]
     for r in rows:
+        where = f" | {_cell(r.get('source') or '')}" if mixed else ""
         lines.append(
-            f"| {r['index']} | {_cell(r['prompt'])} | {_cell(r.get('reference') or '')} | "
+            f"| {r['index']}{where} | {_cell(r['prompt'])} | {_cell(r.get('reference') or '')} | "
             f"{_cell(r['before'])} | {_cell(r['after'])} |"
         )
     return "\n".join(lines) + "\n"

@@ -33,7 +33,9 @@ def prompts(ctx: Context) -> list[dict[str, Any]]:
     from datasets import load_from_disk
 
     from runner.data.conversations import MESSAGES, loads
+    from runner.data.formatting import SOURCE
     from runner.data.templates import Renderer, template_sources
+    from runner.recipe.mix import source_recipes
 
     cfg = ctx.recipe.section("compare")
     heldout = load_from_disk(str(ctx.path(FORMATTED)), keep_in_memory=True)["heldout"]
@@ -54,13 +56,22 @@ def prompts(ctx: Context) -> list[dict[str, Any]]:
                 else "add compare.prompts or held-out rows to see generations"
             )
         )
+    if SOURCE in heldout.column_names:  # a mix: which [[dataset.sources]] table it came from
+        labels = [s.label for s in source_recipes(ctx.recipe)]
+        for r, index in zip(rows, heldout[SOURCE][: len(rows)], strict=True):
+            r["source"] = labels[index]
+    templates = template_sources(ctx.recipe)
     if MESSAGES in heldout.column_names:  # a conversation: its turns before the last reply
         for r, text in zip(rows, heldout[MESSAGES][: len(rows)], strict=True):
-            r["messages"] = loads(text)[:-1]
+            if text:  # empty: a template source's row in a mix (its prompt is text)
+                r["messages"] = loads(text)[:-1]
+    if MESSAGES in heldout.column_names and "prompt" not in templates:
         for extra in cfg["prompts"]:  # the user's turn, as written (the encoder adds the rest)
-            rows.append({"prompt": "\n".join(map(str, extra.values())), "reference": None})
+            text = "\n".join(map(str, extra.values()))
+            turn = [{"role": "user", "content": text}] if SOURCE in heldout.column_names else None
+            rows.append({"prompt": text, "reference": None, **({"messages": turn} if turn else {})})
     else:
-        renderer = Renderer(template_sources(ctx.recipe))
+        renderer = Renderer(templates)
         for i, extra in enumerate(cfg["prompts"]):
             text = renderer.render_part("prompt", extra, i, "compare.prompts", drop_hint=False)
             rows.append({"prompt": text, "reference": None})

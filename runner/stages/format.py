@@ -8,6 +8,7 @@ from typing import Any
 from runner.context import Context
 from runner.data.formatting import empty_shards, prepare
 from runner.data.lint import format_warnings
+from runner.report.data_metrics import source_lines
 from runner.rundir import FORMATTED
 from runner.state import fresh_tmp_dir, replace_dir
 
@@ -27,4 +28,6 @@ def run(ctx: Context) -> dict[str, Any]:
     replace_dir(tmp, final)
     m = formatted.metrics
     ctx.log(f"format: {m['train_rows']} training rows, {m['heldout_rows']} held out")
+    for line in source_lines(m):
+        ctx.log(f"format: {line}")
     return m
