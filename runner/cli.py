@@ -108,10 +108,11 @@ def _load(
     overrides: tuple[str, ...],
     allow: tuple[Path, ...] = (),
     unsets: tuple[str, ...] = (),
+    check_files: bool = False,
 ) -> Any:
     from runner.recipe import load_recipe
 
-    return load_recipe(recipe_file, overrides, allow, unsets)
+    return load_recipe(recipe_file, overrides, allow, unsets, check_files=check_files)
 
 
 def _load_run(
@@ -192,7 +193,7 @@ def validate(
     problems: list[str] = []
     for f in recipe_files:
         try:
-            _load(f, overrides, allow, unsets)
+            _load(f, overrides, allow, unsets, check_files=True)
             click.echo(f"{f}: ok")
         except RecipeError as e:
             problems.extend(e.lines)
@@ -557,7 +558,8 @@ def chat(
     unsets: tuple[str, ...],
     allow: tuple[Path, ...],
 ) -> None:
-    """Talk to the fine-tuned model: one prompt per line on stdin, replies on stdout."""
+    """Talk to the fine-tuned model: one user turn per line on stdin, replies on stdout; the
+    conversation is kept (/reset starts over, /exit ends)."""
     from runner.use import chat_loop, open_session
 
     recipe = _load_run(recipe_file, overrides, allow, unsets, _note)

@@ -326,7 +326,8 @@ def read_settings(run_dir: Path) -> tuple[list[str], list[str]]:
 
 def describe_settings(sets: list[str], unsets: list[str]) -> str:
     """The options as they would be typed: `--unset model.tiny --set lora.r=16`."""
-    return " ".join([*(f"--unset {u}" for u in unsets), *(f"--set {s}" for s in sets)])
+    words = [*(f"--unset {u}" for u in unsets), *(f"--set {s}" for s in sets)]
+    return " ".join(words).replace("\n", "\\n")  # one line
 
 
 def followed_settings(

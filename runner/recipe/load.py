@@ -6,14 +6,16 @@ Parse, apply --unset and --set overrides, check schema and cross-field rules.
 from __future__ import annotations
 
 import copy
+import glob
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from runner.errors import RecipeError
-from runner.recipe.confine import Confinement, path_errors, remote_code_errors
-from runner.recipe.layers import drop_key, load_layers, lookup, unset_problem
+from runner.recipe.confine import Confinement, path_errors, read_paths, remote_code_errors
+from runner.recipe.layers import drop_key, is_local_path, load_layers, lookup, unset_problem
 from runner.recipe.model import BUILTIN_TINY, Recipe
 from runner.recipe.problems import InvalidRecipe, Problem
 from runner.recipe.schema import json_path, schema_errors, subschema, with_defaults
@@ -248,12 +250,14 @@ def load_recipe(
     unsets: tuple[str, ...] | list[str] = (),
     *,
     lenient: bool = False,
+    check_files: bool = False,
 ) -> Recipe:
     """Read (with the files it extends), override, validate. Raises RecipeError with one line
     per problem (an InvalidRecipe, which also carries each problem's file, line and key).
     `allow`: folders outside the recipe root the person running lets it read (--allow-path).
     `unsets`: keys removed (--unset) before `overrides` apply; `lenient`: an unset of a key that
-    is not set is no error (settings a run directory remembers, re-applied to an edited file)."""
+    is not set is no error (settings a run directory remembers, re-applied to an edited file).
+    `check_files`: local data, template and corpus files must exist (`recipe validate`)."""
     shown = Path(path)  # as the user wrote it, for messages
     path = shown.expanduser().resolve()
     confinement = Confinement.for_recipe(path, allow)
@@ -313,7 +317,11 @@ def load_recipe(
     # Where the recipe reads and writes: checked here so validate and plan report it too. A run
     # directory given with --set is the choice of the person running, not of the recipe.
     chosen = ("recipe", "output_dir") in from_set
-    errors = by_line(path_errors(written, path.parent, confinement, chosen))
+    refused = path_errors(written, path.parent, confinement, chosen)
+    if check_files:  # a path the recipe may not read is reported as that, not as missing
+        keys = {key for key, _ in refused}
+        refused += [e for e in missing_file_errors(written, path.parent) if e[0] not in keys]
+    errors = by_line(refused)
     errors += by_line(remote_code_errors(full, path.parent))
     if errors:
         raise InvalidRecipe(errors)
@@ -329,6 +337,32 @@ def load_recipe(
         files=tuple(merged.files),
         confinement=confinement,
     )
+
+
+def missing_file_errors(
+    written: dict[str, Any], base_dir: Path
+) -> list[tuple[tuple[str, ...], str]]:
+    """Local files and folders the recipe names that are not there (hub ids are not checked:
+    that needs the network). Paths are relative to the recipe file (parents' were rebased)."""
+    errors: list[tuple[tuple[str, ...], str]] = []
+    for key, value in read_paths(written):
+        if key == ("model", "name_or_path") and not value.startswith((".", "/", "~")):
+            continue  # a hub id (gpt2, THUDM/chatglm3-6b) or builtin:tiny-glm
+        if key == ("dataset", "path") and not is_local_path(key, value, base_dir):
+            continue
+        target = base_dir / Path(value).expanduser()
+        if key == ("dataset", "path") and any(c in value for c in "*?["):
+            if not glob.glob(str(target), recursive=True):
+                errors.append((key, f"{value!r} matches no file; check the pattern"))
+        elif not target.exists():
+            errors.append(
+                (
+                    key,
+                    f"{value!r} not found (looked for {os.path.normpath(target)}); the path is "
+                    "relative to the file that sets it",
+                )
+            )
+    return errors
 
 
 def _with_unset_hint(problem: Problem, from_set: dict[tuple[str, ...], str]) -> Problem:
@@ -358,7 +392,7 @@ def validation_report(
     found: list[dict[str, Any]] = []
     for f in files:
         try:
-            load_recipe(f, tuple(overrides), tuple(allow), tuple(unsets))
+            load_recipe(f, tuple(overrides), tuple(allow), tuple(unsets), check_files=True)
         except InvalidRecipe as e:
             found.extend(p.as_json() for p in e.problems)
         except RecipeError as e:
