@@ -112,13 +112,9 @@ def test_generate_follows_the_runs_settings_and_chat_keeps_the_conversation(
         f"following the last run in {run_dir}: --set train.max_steps=10 "
         "--set compare.num_examples=2\n"
     )  # and no staleness note: the adapter matches the settings it was trained with
+    content = row["prompt"].removeprefix("用户: ").removesuffix("\n广告: ")
     chat = recipe_cli(
-        "chat",
-        str(RECIPE),
-        "--set",
-        where,
-        "--raw",
-        stdin=f"{row['prompt']}\n好看\n/reset\n{row['prompt']}\n/exit\n",
+        "chat", str(RECIPE), "--set", where, stdin=f"{content}\n好看\n/reset\n{content}\n/exit\n"
     )
     assert chat.exit_code == 0, chat.output
     # the first turn is generate's reply; after /reset the same first turn gives it again
