@@ -16,7 +16,7 @@ from typing import Any
 from runner.changes import explain
 from runner.checkpoints import attempt_dir, newest_valid, step_of
 from runner.data.sources import dataset_identity
-from runner.data.templates import template_identity
+from runner.data.templates import prompt_keeps_newline, template_identity
 from runner.models.resolve import tokenizer_identity, weights_identity
 from runner.recipe import Recipe, flatten
 from runner.recipe.schema import quiet_defaults
@@ -49,13 +49,25 @@ class Stage:
     libraries: tuple[str, ...] = ()
 
 
+def format_inputs(recipe: Recipe) -> dict[str, Any]:
+    inputs: dict[str, Any] = {
+        "dataset": dataset_identity(recipe),
+        "templates": template_identity(recipe),
+    }
+    if prompt_keeps_newline(recipe):
+        # the same prompt text renders with its final newline since the runner stopped dropping
+        # it: runs formatted before must re-run; other recipes keep their fingerprints
+        inputs["prompt_final_newline"] = "kept"
+    return inputs
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "format",
         "format",
         reads=("recipe.seed", "dataset", "template"),
         ignores=("template.format",),  # how text becomes tokens: read by tokenize
-        inputs=lambda r: {"dataset": dataset_identity(r), "templates": template_identity(r)},
+        inputs=format_inputs,
         outputs=(FORMATTED,),
         libraries=("datasets", "jinja2"),
     ),

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from runner.context import Context
-from runner.data.formatting import empty_shards, prepare
-from runner.data.lint import format_warnings
+from runner.data.formatting import ROW, empty_shards, prepare
+from runner.data.lint import GLUE_SAMPLE, format_warnings, glued_counts
 from runner.rundir import FORMATTED
 from runner.state import fresh_tmp_dir, replace_dir
 
@@ -16,6 +16,13 @@ def run(ctx: Context) -> dict[str, Any]:
     from datasets import DatasetDict
 
     formatted = prepare(ctx.recipe)
+    if ctx.recipe.get("dataset.format") == "template":  # conversations have role headers
+        sample = formatted.train.select(range(min(GLUE_SAMPLE, len(formatted.train)))).to_dict()
+        formatted.metrics.update(
+            glued_counts(
+                sample["prompt"], sample["response"], sample[ROW], ctx.recipe.get("template.format")
+            )
+        )
     for warning in format_warnings(formatted.metrics):
         ctx.log(f"format: warning: {warning}")
     final = ctx.path(FORMATTED)
