@@ -69,6 +69,15 @@ set_opt = click.option(
     help="Override a recipe key, e.g. --set lora.r=16 (repeatable).",
 )
 
+unset_opt = click.option(
+    "--unset",
+    "unsets",
+    multiple=True,
+    metavar="KEY",
+    help="Remove a key (or a whole table) the recipe or a file it extends sets, before --set "
+    "applies, e.g. --unset model.tiny (repeatable).",
+)
+
 allow_opt = click.option(
     "--allow-path",
     "allow",
@@ -94,10 +103,47 @@ def with_gpus(overrides: tuple[str, ...], gpus: int | None) -> tuple[str, ...]:
     return overrides if gpus is None else (*overrides, f"launch.num_processes={gpus}")
 
 
-def _load(recipe_file: Path, overrides: tuple[str, ...], allow: tuple[Path, ...] = ()) -> Any:
+def _load(
+    recipe_file: Path,
+    overrides: tuple[str, ...],
+    allow: tuple[Path, ...] = (),
+    unsets: tuple[str, ...] = (),
+    check_files: bool = False,
+) -> Any:
     from runner.recipe import load_recipe
 
-    return load_recipe(recipe_file, overrides, allow)
+    return load_recipe(recipe_file, overrides, allow, unsets, check_files=check_files)
+
+
+def _load_run(
+    recipe_file: Path,
+    overrides: tuple[str, ...],
+    allow: tuple[Path, ...],
+    unsets: tuple[str, ...],
+    note: Callable[[str], None],
+) -> Any:
+    """The recipe as the last `recipe run` in its run directory used it: that run's --set/--unset
+    (state/settings.json) first, this command's own on top."""
+    from runner.recipe import load_recipe
+    from runner.rundir import SETTINGS, followed_settings
+
+    recipe = load_recipe(recipe_file, overrides, allow, unsets)
+    followed = followed_settings(recipe.run_dir, overrides, unsets)
+    if followed is None:
+        return recipe
+    sets, dropped, shown = followed
+    try:
+        recipe = load_recipe(recipe_file, sets, allow, dropped, lenient=True)
+    except RecipeError as e:
+        raise RecipeError(
+            [
+                *e.lines,
+                f"{recipe.run_dir / SETTINGS}: the last `recipe run` there used {shown}, "
+                "which no longer fits the recipe; run it again to replace them",
+            ]
+        ) from None
+    note(f"following the last run in {recipe.run_dir}: {shown}")
+    return recipe
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -116,6 +162,7 @@ def cli() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
 )
 @set_opt
+@unset_opt
 @allow_opt
 @click.option(
     "--format",
@@ -127,14 +174,18 @@ def cli() -> None:
 )
 @reported
 def validate(
-    recipe_files: tuple[Path, ...], overrides: tuple[str, ...], allow: tuple[Path, ...], fmt: str
+    recipe_files: tuple[Path, ...],
+    overrides: tuple[str, ...],
+    unsets: tuple[str, ...],
+    allow: tuple[Path, ...],
+    fmt: str,
 ) -> None:
     """Check recipes against the schema; print every problem as FILE:LINE: $.key: message.
     Exits 2 when any recipe is invalid, so it works as a pre-commit hook."""
     if fmt == "json":
         from runner.recipe.load import validation_report
 
-        found = validation_report(recipe_files, overrides, allow)
+        found = validation_report(recipe_files, overrides, allow, unsets)
         click.echo(json.dumps(found, indent=2, ensure_ascii=False))
         if found:
             click.get_current_context().exit(2)
@@ -142,7 +193,7 @@ def validate(
     problems: list[str] = []
     for f in recipe_files:
         try:
-            _load(f, overrides, allow)
+            _load(f, overrides, allow, unsets, check_files=True)
             click.echo(f"{f}: ok")
         except RecipeError as e:
             problems.extend(e.lines)
@@ -153,6 +204,7 @@ def validate(
 @cli.command()
 @recipe_arg
 @set_opt
+@unset_opt
 @allow_opt
 @click.option(
     "--model",
@@ -166,6 +218,7 @@ def validate(
 def plan(
     recipe_file: Path,
     overrides: tuple[str, ...],
+    unsets: tuple[str, ...],
     allow: tuple[Path, ...],
     model: bool,
     gpus: int | None,
@@ -174,7 +227,7 @@ def plan(
     from runner.models.resolve import remote_code_note
     from runner.plan import compute_plan
 
-    recipe = _load(recipe_file, with_gpus(overrides, gpus), allow)
+    recipe = _load_run(recipe_file, with_gpus(overrides, gpus), allow, unsets, click.echo)
     click.echo(f"recipe {recipe.name}: run dir {recipe.run_dir}")
     for st in compute_plan(recipe):
         why = f" ({'; '.join(st.reasons)})" if st.reasons else ""
@@ -194,6 +247,7 @@ def plan(
 @cli.command()
 @recipe_arg
 @set_opt
+@unset_opt
 @allow_opt
 @click.option("--force", is_flag=True, help="Reuse a run directory that belongs to another recipe.")
 @click.option(
@@ -220,6 +274,7 @@ def plan(
 def run(
     recipe_file: Path,
     overrides: tuple[str, ...],
+    unsets: tuple[str, ...],
     allow: tuple[Path, ...],
     force: bool,
     locked: bool,
@@ -230,7 +285,7 @@ def run(
     """Run the stages that are not up to date, then print the before/after table."""
     from runner.run import run_recipe
 
-    recipe = _load(recipe_file, with_gpus(overrides, gpus), allow)
+    recipe = _load(recipe_file, with_gpus(overrides, gpus), allow, unsets)
     if locked:
         recipe = _locked(recipe, recipe_file)
     run_recipe(recipe, click.echo, force=force, only=until, reraise=show_traceback)
@@ -265,17 +320,22 @@ def _print_compare(run_dir: Path) -> None:
 @cli.command()
 @recipe_arg
 @set_opt
+@unset_opt
 @allow_opt
 @gpus_opt
 @reported
 def status(
-    recipe_file: Path, overrides: tuple[str, ...], allow: tuple[Path, ...], gpus: int | None
+    recipe_file: Path,
+    overrides: tuple[str, ...],
+    unsets: tuple[str, ...],
+    allow: tuple[Path, ...],
+    gpus: int | None,
 ) -> None:
     """What ran, when, with which fingerprint, and its metrics."""
     from runner.plan import compute_plan
     from runner.report.data_metrics import metric_lines
 
-    recipe = _load(recipe_file, with_gpus(overrides, gpus), allow)
+    recipe = _load_run(recipe_file, with_gpus(overrides, gpus), allow, unsets, click.echo)
     click.echo(f"recipe {recipe.name}: run dir {recipe.run_dir}")
     for st in compute_plan(recipe):
         state = st.state or {}
@@ -304,6 +364,7 @@ def status(
 @cli.command()
 @recipe_arg
 @set_opt
+@unset_opt
 @allow_opt
 @click.option(
     "-n",
@@ -332,6 +393,7 @@ def status(
 def inspect(
     recipe_file: Path,
     overrides: tuple[str, ...],
+    unsets: tuple[str, ...],
     allow: tuple[Path, ...],
     n: int,
     lint_rows: int,
@@ -341,7 +403,7 @@ def inspect(
     runs nothing and writes nothing into the run directory."""
     from runner.data.inspection import inspect_recipe
 
-    recipe = _load(recipe_file, overrides, allow)
+    recipe = _load(recipe_file, overrides, allow, unsets)
     plain = plain or not sys.stdout.isatty()
     inspect_recipe(recipe, n=n, lint_rows=lint_rows, plain=plain, echo=click.echo)
 
@@ -357,11 +419,14 @@ def schema() -> None:
 @cli.command()
 @recipe_arg
 @set_opt
+@unset_opt
 @allow_opt
 @reported
-def show(recipe_file: Path, overrides: tuple[str, ...], allow: tuple[Path, ...]) -> None:
-    """Print the fully resolved recipe (extends, defaults and --set applied) as TOML."""
-    click.echo(_load(recipe_file, overrides, allow).to_toml(), nl=False)
+def show(
+    recipe_file: Path, overrides: tuple[str, ...], unsets: tuple[str, ...], allow: tuple[Path, ...]
+) -> None:
+    """Print the fully resolved recipe (extends, defaults, --unset and --set applied) as TOML."""
+    click.echo(_load(recipe_file, overrides, allow, unsets).to_toml(), nl=False)
 
 
 @cli.command()
@@ -448,6 +513,7 @@ max_new_opt = click.option(
 @base_opt
 @max_new_opt
 @set_opt
+@unset_opt
 @allow_opt
 @reported
 def generate(
@@ -457,6 +523,7 @@ def generate(
     base: bool,
     max_new_tokens: int | None,
     overrides: tuple[str, ...],
+    unsets: tuple[str, ...],
     allow: tuple[Path, ...],
 ) -> None:
     """Generate from one prompt with the fine-tuned model (decoding as in [compare])."""
@@ -467,7 +534,7 @@ def generate(
             "generate: pass exactly one of --prompt TEXT (the raw prompt) or "
             "--row JSON (rendered through the recipe's prompt template)"
         )
-    recipe = _load(recipe_file, overrides, allow)
+    recipe = _load_run(recipe_file, overrides, allow, unsets, _note)
     text = prompt if prompt is not None else prompt_from_row(recipe, str(row))
     session = open_session(recipe, base=base, log=_note, max_new_tokens=max_new_tokens)
     click.echo(session.reply(text))
@@ -479,6 +546,7 @@ def generate(
 @base_opt
 @max_new_opt
 @set_opt
+@unset_opt
 @allow_opt
 @reported
 def chat(
@@ -487,12 +555,14 @@ def chat(
     base: bool,
     max_new_tokens: int | None,
     overrides: tuple[str, ...],
+    unsets: tuple[str, ...],
     allow: tuple[Path, ...],
 ) -> None:
-    """Talk to the fine-tuned model: one prompt per line on stdin, replies on stdout."""
+    """Talk to the fine-tuned model: one user turn per line on stdin, replies on stdout; the
+    conversation is kept (/reset starts over, /exit ends)."""
     from runner.use import chat_loop, open_session
 
-    recipe = _load(recipe_file, overrides, allow)
+    recipe = _load_run(recipe_file, overrides, allow, unsets, _note)
     session = open_session(recipe, base=base, log=_note, max_new_tokens=max_new_tokens)
     chat_loop(
         session,
@@ -530,6 +600,7 @@ def chat(
     "(query_key_value, ...) to OUT, for the original model's code.",
 )
 @set_opt
+@unset_opt
 @allow_opt
 @reported
 def export(
@@ -538,6 +609,7 @@ def export(
     adapter_out: Path | None,
     chatglm_out: Path | None,
     overrides: tuple[str, ...],
+    unsets: tuple[str, ...],
     allow: tuple[Path, ...],
 ) -> None:
     """Export the trained adapter (--adapter OUT) or a merged model (--merge OUT)."""
@@ -550,7 +622,7 @@ def export(
         )
     if merge_out and adapter_out and merge_out.resolve() == adapter_out.resolve():
         raise RecipeError(f"export: --merge and --adapter both name {merge_out}; use two folders")
-    recipe = _load(recipe_file, overrides, allow)
+    recipe = _load_run(recipe_file, overrides, allow, unsets, _note)
     if adapter_out is not None:
         export_adapter(recipe, adapter_out, _note)
     if merge_out is not None:

@@ -207,6 +207,7 @@ def run_train(ctx: Context) -> dict[str, Any]:
         {
             "recipe": str(recipe.path),
             "overrides": list(recipe.overrides),
+            "unsets": list(recipe.unsets),
             "allow": list(recipe.allowed),  # --allow-path, for the worker's own load
             "run_dir": str(ctx.run_dir),
             "fingerprint": ctx.fingerprint,

@@ -278,4 +278,4 @@ def apply_lock(recipe: Recipe, recipe_file: Path) -> Recipe:
         return recipe
     from runner.recipe.load import load_recipe
 
-    return load_recipe(recipe_file, (*recipe.overrides, *pins), recipe.allowed)
+    return load_recipe(recipe_file, (*recipe.overrides, *pins), recipe.allowed, recipe.unsets)

@@ -16,7 +16,7 @@ from typing import Any
 from runner.changes import explain
 from runner.checkpoints import attempt_dir, newest_valid, step_of
 from runner.data.sources import dataset_identity
-from runner.data.templates import template_identity
+from runner.data.templates import prompt_keeps_newline, template_identity
 from runner.models.resolve import tokenizer_identity, weights_identity
 from runner.recipe import Recipe, flatten
 from runner.recipe.mix import rekeyed, source_recipes
@@ -50,13 +50,36 @@ class Stage:
     libraries: tuple[str, ...] = ()
 
 
+def format_inputs(recipe: Recipe) -> dict[str, Any]:
+    """The format stage's input files: the data (local files' hashes or the hub id and revision)
+    and the template files; of every [[dataset.sources]] table for a mix."""
+    sources = source_recipes(recipe)
+    if sources:
+        data, templates = {}, {}
+        for source in sources:
+            with rekeyed(source):
+                data[f"sources[{source.index}]"] = dataset_identity(source.recipe)
+                templates.update(template_identity(source.recipe))
+        # a mix is newer than the prompt's kept newline: no runs from before to tell apart
+        return {"dataset": data, "templates": templates}
+    inputs: dict[str, Any] = {
+        "dataset": dataset_identity(recipe),
+        "templates": template_identity(recipe),
+    }
+    if prompt_keeps_newline(recipe):
+        # the same prompt text renders with its final newline since the runner stopped dropping
+        # it: runs formatted before must re-run; other recipes keep their fingerprints
+        inputs["prompt_final_newline"] = "kept"
+    return inputs
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "format",
         "format",
         reads=("recipe.seed", "dataset", "template"),
         ignores=("template.format",),  # how text becomes tokens: read by tokenize
-        inputs=lambda r: format_inputs(r),
+        inputs=format_inputs,
         outputs=(FORMATTED,),
         libraries=("datasets", "jinja2"),
     ),
@@ -119,20 +142,6 @@ STAGES: tuple[Stage, ...] = (
     ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
-
-
-def format_inputs(recipe: Recipe) -> dict[str, Any]:
-    """The format stage's input files: the data (local files' hashes or the hub id and revision)
-    and the template files; of every [[dataset.sources]] table for a mix."""
-    sources = source_recipes(recipe)
-    if not sources:
-        return {"dataset": dataset_identity(recipe), "templates": template_identity(recipe)}
-    data, templates = {}, {}
-    for source in sources:
-        with rekeyed(source):
-            data[f"sources[{source.index}]"] = dataset_identity(source.recipe)
-            templates.update(template_identity(source.recipe))
-    return {"dataset": data, "templates": templates}
 
 
 def library_versions(names: tuple[str, ...]) -> dict[str, str]:

@@ -28,7 +28,9 @@ from runner.rundir import (
     error_log,
     new_state,
     run_lock,
+    settings_note,
     state_path,
+    write_settings,
 )
 from runner.state import is_disk_full, path_size, write_json_atomic, write_text_atomic
 from runner.training.attempts import refuse_abandoning
@@ -39,7 +41,10 @@ def _now() -> str:
 
 
 def write_resolved_recipe(recipe: Recipe) -> None:
+    """What this run uses: the resolved recipe to read, its --set/--unset for the commands that
+    follow this run directory (plan, status, generate, chat, export)."""
     write_text_atomic(recipe.run_dir / RESOLVED_RECIPE, recipe.to_toml())
+    write_settings(recipe)
 
 
 @contextmanager
@@ -223,6 +228,9 @@ def run_recipe(
         )
     with run_lock(run_dir), sigterm_as_interrupt():
         check_ownership(recipe, force)
+        note = settings_note(recipe)
+        if note:
+            echo(note)
         write_resolved_recipe(recipe)
         ctx = Context(recipe=recipe, run_dir=run_dir, echo=echo)
         plan = compute_plan(recipe)

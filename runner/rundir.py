@@ -26,6 +26,7 @@ RESOLVED_RECIPE = "recipe.resolved.toml"  # the recipe with defaults and overrid
 LOCK = ".lock"  # flock-ed by the `recipe run` using the folder; holds its pid
 STATE_DIR = "state"  # state/<stage>.json
 OWNER_FILE = Path(STATE_DIR) / "owner.json"  # marks a folder the runner made its run directory
+SETTINGS = Path(STATE_DIR) / "settings.json"  # the --set/--unset of the last `recipe run`
 FORMATTED = "data/formatted"  # format: Arrow DatasetDict (train, heldout) of prompt/response
 TOKENIZED = "data/tokenized"  # tokenize: Arrow DatasetDict of input_ids/labels
 LOAD_REPORT = "model/load.json"  # quantize-load: what was loaded and adapted
@@ -287,3 +288,82 @@ def check_ownership(recipe: Recipe, force: bool) -> None:
                 "set recipe.output_dir to another folder, or pass --force to reuse it"
             )
     write_json_atomic(marker, {"name": recipe.name, "recipe": str(recipe.path)})
+
+
+# -- the settings a run used ------------------------------------------------------------------
+# `recipe run` records its --set/--unset (the resolved recipe is recipe.resolved.toml beside it);
+# plan, status, generate, chat and export re-apply them, so they describe and use the model that
+# run trained instead of calling it stale. recipe.output_dir is left out: it chose this folder.
+_RUN_DIR_KEY = "recipe.output_dir"
+
+
+def _key_of(item: str) -> str:
+    return ".".join(part.strip() for part in item.split("=", 1)[0].split("."))
+
+
+def write_settings(recipe: Recipe) -> None:
+    write_json_atomic(
+        recipe.run_dir / SETTINGS,
+        {
+            "recipe": str(recipe.path),
+            "set": [s for s in recipe.overrides if _key_of(s) != _RUN_DIR_KEY],
+            "unset": list(recipe.unsets),
+        },
+    )
+
+
+def read_settings(run_dir: Path) -> tuple[list[str], list[str]]:
+    """(--set items, --unset items) of the last `recipe run` in `run_dir`; empty when none ran
+    or the file is damaged (then the recipe as written is followed)."""
+    record = read_record(run_dir / SETTINGS) or {}
+    sets, unsets = record.get("set"), record.get("unset")
+    if not (isinstance(sets, list) and all(isinstance(x, str) for x in sets)):
+        sets = []
+    if not (isinstance(unsets, list) and all(isinstance(x, str) for x in unsets)):
+        unsets = []
+    return sets, unsets
+
+
+def describe_settings(sets: list[str], unsets: list[str]) -> str:
+    """The options as they would be typed: `--unset model.tiny --set lora.r=16`."""
+    words = [*(f"--unset {u}" for u in unsets), *(f"--set {s}" for s in sets)]
+    return " ".join(words).replace("\n", "\\n")  # one line
+
+
+def followed_settings(
+    run_dir: Path, sets: tuple[str, ...], unsets: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[str, ...], str] | None:
+    """The stored settings of `run_dir` with the command's own on top, and the stored ones the
+    command did not give (for a note); None when there is nothing to add."""
+    stored_sets, stored_unsets = read_settings(run_dir)
+    given = {_key_of(s) for s in sets}
+    dropped = tuple(_key_of(u) for u in unsets)
+
+    def kept(key: str) -> bool:  # the command's own --set/--unset of a key wins
+        return key not in given and not any(key == d or key.startswith(d + ".") for d in dropped)
+
+    extra_sets = [s for s in stored_sets if s not in sets and kept(_key_of(s))]
+    extra_unsets = [u for u in stored_unsets if u not in unsets and _key_of(u) not in given]
+    if not extra_sets and not extra_unsets:
+        return None
+    return (
+        (*extra_sets, *sets),
+        (*extra_unsets, *unsets),
+        describe_settings(extra_sets, extra_unsets),
+    )
+
+
+def settings_note(recipe: Recipe) -> str | None:
+    """`recipe run`: one line when the last run in this folder used other --set/--unset (this
+    run uses its own; the stages they change re-run)."""
+    stored_sets, stored_unsets = read_settings(recipe.run_dir)
+    sets = [s for s in recipe.overrides if _key_of(s) != _RUN_DIR_KEY]
+    if sorted(stored_sets) == sorted(sets) and sorted(stored_unsets) == sorted(recipe.unsets):
+        return None
+    if not stored_sets and not stored_unsets:
+        return None  # the last run used the recipe as written: a --set now is plain to see
+    used = describe_settings(stored_sets, stored_unsets)
+    return (
+        f"note: the last run in {recipe.run_dir} used {used}; this run uses only the options "
+        "given now (pass those again to keep them)"
+    )

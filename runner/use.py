@@ -3,7 +3,10 @@
 The model is loaded the way compare loads it (the base quantized as the recipe says, the adapter
 from <run dir>/adapter on top, or the base alone with `base=True`); prompts are encoded and
 decoded by runner.models.generate, so what you see here is what compare's "after" column shows.
-Each chat line is one single-turn prompt: the recipes train single-turn prompt templates.
+`recipe chat` keeps the conversation: each line is a user turn, rendered through the prompt
+template, and the model sees the earlier turns and its replies joined the way its format joins
+turns (runner.data.chat.Encoder.conversation_ids); `/reset` starts over, `/exit` ends. The first
+turn is exactly what `recipe generate` and compare give.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from runner.rundir import ADAPTER
 
 Echo = Callable[[str], None]
 QUIT = ("/quit", "/exit")
+RESET = "/reset"
 
 
 def shown(path: Path) -> str:
@@ -124,6 +128,21 @@ class Session:
 
         return generate(self.model, self.tok, self.encoder, [prompt], self.cfg, self.seed)[0]
 
+    def chat(self, messages: list[dict[str, str]], limit: int) -> tuple[str, int]:
+        """The reply to a conversation whose last message is the user's; and how many earlier
+        messages were left out so that the prompt fits in `limit` tokens (oldest first)."""
+        from runner.models.generate import decode, generate_ids
+
+        if len(messages) == 1:
+            return self.reply(messages[0]["content"]), 0
+        dropped = 0
+        ids = self.encoder.conversation_ids(messages)
+        while len(ids) > limit and len(messages) - dropped > 1:
+            dropped += 2  # one exchange: a user turn and its reply
+            ids = self.encoder.conversation_ids(messages[dropped:])
+        out = generate_ids(self.model, self.tok, [ids], self.cfg, self.seed)
+        return decode(self.tok, out)[0], dropped
+
 
 def open_session(
     recipe: Recipe, *, base: bool, log: Echo, max_new_tokens: int | None = None
@@ -162,8 +181,10 @@ def chat_loop(
     marker: Callable[[], None] = lambda: None,
     raw: bool = False,
 ) -> int:
-    """Answer each line: rendered through the prompt template when it needs exactly one
-    variable (unless `raw`), else used as the prompt itself. Returns the number of replies."""
+    """A conversation: each line is a user turn, rendered through the prompt template when it
+    needs exactly one variable (unless `raw`), else used as the prompt itself; earlier turns
+    and replies go with it. `/reset` forgets them, `/exit` (or `/quit`, end of input) ends.
+    Returns the number of replies."""
     from runner.data.templates import Renderer, template_sources
 
     variables = [] if raw else template_variables(recipe)
@@ -173,18 +194,36 @@ def chat_loop(
         if renderer
         else "each line is the whole prompt"
     )
-    note(f"chat with the {session.label}: {how}; one turn per line; /quit or Ctrl-D ends")
+    note(
+        f"chat with the {session.label}: {how}; the conversation is kept "
+        f"({RESET} starts over); /exit or Ctrl-D ends"
+    )
+    limit = int(recipe.get("tokenize.max_length"))
+    history: list[dict[str, str]] = []
     replies = 0
     marker()
     for line in lines:
         text = line.rstrip("\r\n")
-        if text.strip() in QUIT:
+        command = text.strip()
+        if command in QUIT:
             break
-        if text.strip():
+        if command == RESET:
+            history = []
+            note("(conversation reset)")
+        elif command:
             prompt = (
                 renderer.render_part("prompt", {variables[0]: text}, replies) if renderer else text
             )
-            say(session.reply(prompt))
+            history.append({"role": "user", "content": prompt})
+            answer, dropped = session.chat(history, limit)
+            if dropped:
+                history = history[dropped:]
+                note(
+                    f"(the {dropped // 2} oldest exchange(s) no longer fit in "
+                    f"tokenize.max_length = {limit} tokens: left out)"
+                )
+            history.append({"role": "assistant", "content": answer})
+            say(answer)
             replies += 1
         marker()
     return replies

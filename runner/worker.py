@@ -62,7 +62,12 @@ def main(spec_path: str) -> int:
         print(message, flush=True)
 
     try:
-        recipe = load_recipe(spec["recipe"], tuple(spec["overrides"]), spec.get("allow", ()))
+        recipe = load_recipe(
+            spec["recipe"],
+            tuple(spec["overrides"]),
+            spec.get("allow", ()),
+            tuple(spec.get("unsets", ())),
+        )
         quiet_libraries()
         ctx = Context(
             recipe=recipe,

@@ -145,9 +145,11 @@ def write_recipe(folder: Path, tokenizer: bool = True, **tables: dict[str, Any])
     return path
 
 
-def mark_done(recipe_file: Path, overrides: tuple[str, ...] = ()) -> None:
+def mark_done(
+    recipe_file: Path, overrides: tuple[str, ...] = (), unsets: tuple[str, ...] = ()
+) -> None:
     """Write state files as if every stage had run (outputs faked)."""
-    recipe = load_recipe(recipe_file, overrides)
+    recipe = load_recipe(recipe_file, overrides, unsets=unsets)
     for st in compute_plan(recipe):
         outputs = []
         for rel in st.stage.outputs:

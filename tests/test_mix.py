@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 import tomli_w
+from click.testing import CliRunner
 from datakit import IM_TEMPLATE, make_tokenizer, write_jsonl, write_recipe
 
 from runner import lockfile
+from runner.cli import cli
 from runner.data.chat import Encoder
 from runner.data.conversations import MESSAGES
 from runner.data.formatting import ROW, SOURCE, prepare
@@ -301,6 +303,30 @@ def test_source_paths_are_confined(tmp_path: Path) -> None:
         "$.dataset.sources[2].prompt_file",
     ]
     assert all("outside the recipe root" in line for line in lines)
+
+
+def test_validate_reports_a_sources_missing_files(tmp_path: Path) -> None:
+    sources = [
+        {**THREE[0], "path": "data/gone.jsonl"},
+        {**THREE[1], "path": "someone/chat-set"},  # a hub id: not checked offline
+        {"path": "data/qa*.csv", "prompt_file": "p.j2", "response": "{{ a }}", "weight": 1},
+    ]
+    path = mix_recipe(tmp_path, sources)
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert [line.split(": ", 2)[1:] for line in result.stderr.splitlines()] == [
+        [
+            "$.dataset.sources[0].path",
+            f"'data/gone.jsonl' not found (looked for {tmp_path / 'data/gone.jsonl'}); the path "
+            "is relative to the file that sets it",
+        ],
+        ["$.dataset.sources[2].path", "'data/qa*.csv' matches no file; check the pattern"],
+        [
+            "$.dataset.sources[2].prompt_file",
+            f"'p.j2' not found (looked for {tmp_path / 'p.j2'}); the path is relative to the "
+            "file that sets it",
+        ],
+    ]
 
 
 def test_a_parents_sources_are_rebased(tmp_path: Path) -> None:

@@ -35,7 +35,8 @@ def test_starter_validates_as_written(tmp_path: Path, starter: str) -> None:
     assert recipe.name == "my-run"
     sources = template_sources(recipe)
     row = {"content": "类型#裙*颜色#红色", "summary": "红色的裙子"}
-    assert Renderer(sources).render(row, 0) == ("用户: 类型#裙*颜色#红色", "广告: 红色的裙子")
+    # the prompt file's final newline is kept: the response starts on its own line
+    assert Renderer(sources).render(row, 0) == ("用户: 类型#裙*颜色#红色\n", "广告: 红色的裙子")
 
 
 def test_tiny_starter_plans_on_the_shipped_demo_data(

@@ -120,7 +120,7 @@ def test_template_files_relative_to_the_recipe(tmp_path: Path) -> None:
         dataset={"shuffle": False},
     )
     out = prepare(load_recipe(recipe))
-    assert out.train[0]["prompt"] == "Question: question 0"  # trailing newline dropped
+    assert out.train[0]["prompt"] == "Question: question 0\n"  # its final newline is kept
 
 
 def test_missing_variable_through_recipe_run(tmp_path: Path) -> None:

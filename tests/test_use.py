@@ -122,10 +122,15 @@ class EchoModel:
 
     label: str = "echo model"
     asked: list[str] = field(default_factory=list)
+    conversations: list[list[str]] = field(default_factory=list)
 
     def reply(self, prompt: str) -> str:
         self.asked.append(prompt)
         return f"<{len(self.asked)}> {prompt!r}"
+
+    def chat(self, messages: list[dict[str, str]], limit: int) -> tuple[str, int]:
+        self.conversations.append([m["content"] for m in messages])
+        return self.reply(messages[-1]["content"]), 0
 
 
 def test_chat_renders_each_line_through_the_template_until_quit(in_tmp: Path) -> None:
@@ -144,7 +149,7 @@ def test_chat_renders_each_line_through_the_template_until_quit(in_tmp: Path) ->
     assert said == ["<1> 'Q: 红色\\nA: '", "<2> 'Q: blue dress\\nA: '"]
     assert notes == [
         "chat with the echo model: each line is the template's `q`; "
-        "one turn per line; /quit or Ctrl-D ends"
+        "the conversation is kept (/reset starts over); /exit or Ctrl-D ends"
     ]
     assert len(markers) == 4  # before each line read, until /quit
 

@@ -99,6 +99,31 @@ def test_generate_and_chat_answer_as_compare_did(short_run: tuple[list[str], Pat
     assert chat.stderr.startswith("chat with the fine-tuned adapter ")
 
 
+def test_generate_follows_the_runs_settings_and_chat_keeps_the_conversation(
+    short_run: tuple[list[str], Path, str],
+) -> None:
+    _, run_dir, _ = short_run
+    row = max(compare_rows(run_dir), key=lambda r: len(r["prompt"]))
+    where = f"recipe.output_dir={run_dir}"  # the run directory only: its settings are followed
+    after = recipe_cli("generate", str(RECIPE), "--set", where, "--prompt", row["prompt"])
+    assert after.exit_code == 0, after.output
+    assert after.stdout == row["after"] + "\n"
+    assert after.stderr == (
+        f"following the last run in {run_dir}: --set train.max_steps=10 "
+        "--set compare.num_examples=2\n"
+    )  # and no staleness note: the adapter matches the settings it was trained with
+    content = row["prompt"].removeprefix("用户: ").removesuffix("\n广告: ")
+    chat = recipe_cli(
+        "chat", str(RECIPE), "--set", where, stdin=f"{content}\n好看\n/reset\n{content}\n/exit\n"
+    )
+    assert chat.exit_code == 0, chat.output
+    # the first turn is generate's reply; after /reset the same first turn gives it again
+    assert chat.stdout.startswith(row["after"] + "\n")
+    assert chat.stdout.endswith("\n" + row["after"] + "\n")
+    assert chat.stdout.count("\n") >= 3  # the second turn answered with the first in view
+    assert "(conversation reset)" in chat.stderr
+
+
 def _greedy(model: Any, tok: Any, prompt_ids: list[list[int]], recipe: Any) -> list[list[int]]:
     from runner.models.generate import generate_ids
 

@@ -243,6 +243,23 @@ class Encoder:
             return self.ids(rendered, add_special_tokens=False, spans=spans, part="prompt")
         return [self._chatglm3_ids([_user(p)], generation=True) for p in texts]
 
+    def conversation_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """What generation starts from in a chat: user and assistant turns, the last one the
+        user's, joined the format's way (a chat template's or ChatGLM3's roles). Plain has no
+        roles: each earlier exchange is encoded as a training row, one after the other, as
+        packing lays rows out, then the new prompt."""
+        if self.fmt == "chat_template":
+            text = self._render([messages], generation=True)[0]
+            return self.ids([text], add_special_tokens=False, part="prompt")[0]
+        if self.fmt == "chatglm3":
+            return self._chatglm3_ids(messages, generation=True)
+        *earlier, last = messages
+        ids: list[int] = []
+        for user, answer in zip(earlier[0::2], earlier[1::2], strict=True):
+            p, r = self.encode([user["content"]], [answer["content"]])
+            ids += p[0] + r[0]
+        return ids + self.prompt_ids([last["content"]])[0]
+
     def _chatglm3_ids(self, messages: list[dict[str, str]], generation: bool = False) -> list[int]:
         from runner.models.chatglm.tokenizer import encode_chatglm3_messages
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.data.collate import IGNORE_INDEX
-from runner.data.lint import format_warnings, tokenize_warnings
+from runner.data.lint import format_warnings, glued_counts, tokenize_warnings
 from runner.recipe import Recipe
 
 TRAINED_STYLE = "bold green"
@@ -119,9 +119,13 @@ def inspect_recipe(
     metrics: dict[str, Any] = {"tokenizer": tokenizer_facts(tok)}
     tokenized, metrics["train"] = tokenize_split(train, encoder, cfg)
     _, metrics["heldout"] = tokenize_split(heldout, encoder, cfg)
+    glued: dict[str, Any] = {}
     if conversations is not None:
         metrics["turns"] = encoder.turn_problems()
-    warnings = format_warnings(formatted.metrics) + tokenize_warnings(metrics, cfg)
+    else:  # conversations put a role header between the turns
+        sample = train.select(range(min(lint_rows, len(train)))).to_dict()
+        glued = glued_counts(sample["prompt"], sample["response"], sample[ROW], fmt)
+    warnings = format_warnings(formatted.metrics | glued) + tokenize_warnings(metrics, cfg)
     warnings += collator_check(
         recipe, tok, [tokenized[i] for i in range(min(8, len(tokenized)))], encoder.eos
     )

@@ -14,9 +14,59 @@ def _rows(numbers: list[int]) -> str:
     return ("row " if len(numbers) == 1 else "rows ") + ", ".join(str(n) for n in numbers)
 
 
+GLUE_SAMPLE = 1000  # training rows the format stage checks for a prompt glued to its response
+
+
+def _glued(prompt: str, response: str) -> bool:
+    """Nothing separates the prompt from its response: no whitespace between them, and either a
+    word runs into a word (`...Answer` + `Paris`) or a colon-like mark into a Latin word
+    (`### Response:` + `The`). Chinese after `广告:` is how such copy is written: fine."""
+    if not prompt or not response or prompt[-1].isspace() or response[0].isspace():
+        return False
+    last, first = prompt[-1], response[0]
+    if last.isalnum() and first.isalnum():
+        return True
+    return not last.isalnum() and first.isascii() and first.isalnum() and last in ":;,.!?>)]}"
+
+
+def glued_counts(
+    prompts: list[str], responses: list[str], rows: list[int], fmt: str
+) -> dict[str, Any]:
+    """The rows (of a sample) whose plain-format prompt runs straight into the response, for
+    `format_warnings` (key `train_glued`); the chat formats put a role header between them."""
+    if fmt != "plain":
+        return {}
+    found = [(n, p, r) for p, r, n in zip(prompts, responses, rows, strict=True) if _glued(p, r)]
+    if not found:
+        return {}
+    n, p, r = found[0]
+    return {
+        "train_glued": {
+            "count": len(found),
+            "checked": len(prompts),
+            "row": n,
+            "junction": [p[-16:], r[:16]],
+        }
+    }
+
+
+def _glue_warning(glued: dict[str, Any]) -> str:
+    end, start = glued["junction"]
+    return (
+        f"train: the prompt runs straight into the response in {glued['count']:,} of "
+        f"{glued['checked']:,} rows checked (row {glued['row']}: {end!r} + {start!r}): the model "
+        "cannot tell where its answer starts; end the prompt template with a newline or a "
+        "space (a template file keeps its final newline)"
+    )
+
+
 def format_warnings(metrics: dict[str, Any]) -> list[str]:
-    """From the format stage's counts: rows the templates rendered empty."""
+    """From the format stage's counts: rows the templates rendered empty, prompts glued to their
+    responses."""
     out = []
+    glued = metrics.get("train_glued")
+    if isinstance(glued, dict) and glued.get("count"):
+        out.append(_glue_warning(glued))
     for split in ("train", "heldout"):
         empty = metrics.get(f"{split}_empty") or {}
         prompts, responses = empty.get("prompt", 0), empty.get("response", 0)

@@ -8,10 +8,17 @@ or exhaust memory.
 Data values are text: a `{{ }}` that would print null, a boolean, a list or a dict (Python's repr,
 never what the data meant) is refused as a `DataValueError` naming the column; numbers print as
 numbers (`{{ price }}` of 12 is "12").
+
+Newlines are kept as written, with one exception. The prompt keeps its final newline (a file
+ending in `### Response:` and a newline puts the response on the next line, as the file shows;
+Jinja's default would drop it and glue the two). The response template drops one final newline,
+as Jinja does by default: the end token follows the response, and a newline an editor added at
+the end of a file would otherwise be trained before it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +74,15 @@ def template_identity(recipe: Recipe) -> dict[str, str]:
                 )
             out[recipe.portable(section[key], path)] = sha256_file(path)
     return out
+
+
+_FINAL_NEWLINE = re.compile(r"(\r\n|\r|\n)\Z")  # the newline Jinja's default drops
+
+
+def prompt_keeps_newline(recipe: Recipe) -> bool:
+    """Whether the prompt template ends with a newline: it renders since the runner kept final
+    newlines (it used to be dropped), so the format stage's fingerprint says so."""
+    return bool(_FINAL_NEWLINE.search(template_sources(recipe)["prompt"].source))
 
 
 MAX_ITERATIONS = 100_000  # loop iterations per rendered part of one row
@@ -223,7 +239,7 @@ class Renderer:
 
         env = Bounded(
             undefined=StrictUndefined,
-            keep_trailing_newline=False,
+            keep_trailing_newline=True,
             autoescape=False,
             loader=NoFiles(),
             finalize=finalize,
@@ -238,7 +254,8 @@ class Renderer:
         self.names: dict[str, set[str]] = {}
         for part, text in sources.items():
             try:
-                self.templates[part] = env.from_string(text.source)
+                source = _FINAL_NEWLINE.sub("", text.source) if part == "response" else text.source
+                self.templates[part] = env.from_string(source)
             except TemplateSyntaxError as e:
                 raise RecipeError(
                     f"{text.name}:{e.lineno}: template syntax error: {e.message}"

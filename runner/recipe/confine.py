@@ -137,6 +137,14 @@ def read_paths(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
     return found
 
 
+def path_kind(key: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """The key whose rules a path key follows: a [[dataset.sources]] table's path is read as
+    dataset.path is (a hub id, a file, folder or glob), its template files as template's."""
+    if key[:2] == ("dataset", "sources") and key[-1] == "path":
+        return ("dataset", "path")
+    return key
+
+
 def path_errors(
     written: dict[str, Any],
     base_dir: Path,
@@ -149,10 +157,7 @@ def path_errors(
 
     errors: list[tuple[tuple[str | int, ...], str]] = []
     for key, value in read_paths(written):
-        # a source's path is read as dataset.path is
-        kind = (
-            ("dataset", "path") if key[:2] == ("dataset", "sources") and key[-1] == "path" else key
-        )
+        kind = path_kind(key)
         if kind in (("model", "name_or_path"), ("dataset", "path")) and not is_local_path(
             kind, value, base_dir
         ):

@@ -1,16 +1,18 @@
 """`extends`: a recipe built on other recipe files.
 
 The parents are read first (depth first, in the order `extends` lists them) and merged: tables
-merge key by key, the later file wins, lists and values are replaced whole. Each leaf keeps its
-origin (file and line) so a bad value is reported where it was written. Paths a parent writes
-(`PATH_KEYS`) are relative to the parent; after the merge they are rewritten relative to the
-recipe file itself, so everything downstream resolves paths against one folder and fingerprints
-stay free of absolute paths. Imports no torch.
+merge key by key, the later file wins, lists and values are replaced whole. A file's `unset`
+list then removes keys (or whole tables) its parents set, before its own keys are merged. Each
+leaf keeps its origin (file and line) so a bad value is reported where it was written. Paths a
+parent writes (`PATH_KEYS`) are relative to the parent; after the merge they are rewritten
+relative to the recipe file itself, so everything downstream resolves paths against one folder
+and fingerprints stay free of absolute paths. Imports no torch.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from runner.recipe.model import BUILTIN_TINY
 from runner.recipe.problems import InvalidRecipe, Problem
+from runner.recipe.schema import load_schema
 from runner.recipe.toml_lines import key_lines
 from runner.recipe.tomlfile import read_toml
 
@@ -146,6 +149,84 @@ def _drop(data: dict[str, Any], origins: dict[Key, Origin], key: Key) -> None:
         del origins[k]
 
 
+def unset_problem(key: Key) -> str | None:
+    """Why `key` cannot be unset (it names no recipe key, or `extends`/`unset`), or None."""
+    if key[0] in ("extends", "unset"):
+        return f"{key[0]} cannot be unset; edit the recipe file"
+    node: dict[str, Any] = load_schema()
+    for i, part in enumerate(key):
+        props = node.get("properties") or {}
+        if part in props:
+            node = props[part]
+            continue
+        if isinstance(node.get("additionalProperties"), dict):  # a map (dataset.columns)
+            return None if i == len(key) - 1 else f"{'.'.join(key[: i + 1])} is not a table"
+        where = ".".join(key[:i])
+        props = {k: v for k, v in props.items() if k not in ("extends", "unset")}
+        close = difflib.get_close_matches(part, sorted(props), n=1, cutoff=0.6)
+        if close:
+            hint = f"did you mean {'.'.join((*key[:i], close[0]))}?"
+        elif props:
+            hint = f"{where or 'a recipe'} has: {', '.join(sorted(props))}"
+        else:
+            hint = f"{where} is a value, not a table"
+        return f"unknown key {'.'.join(key[: i + 1])!r}; {hint}"
+    return None
+
+
+def drop_key(data: dict[str, Any], origins: dict[Key, Origin], key: Key) -> bool:
+    """Remove `key` (a value or a whole table) and what was under it; False when it was not set."""
+    if _get(data, key) is None:
+        return False
+    _drop(data, origins, key)
+    return True
+
+
+def _unset(data: dict[str, Any], merged: Merged, shown: Path, line: int, has_parents: bool) -> None:
+    """Apply a file's `unset = [...]` to what its parents set; every problem at once."""
+    raw = data.pop("unset", None)
+    if raw is None:
+        return
+    where = "$.unset"
+    if not isinstance(raw, list) or not all(isinstance(k, str) and k for k in raw):
+        raise InvalidRecipe(
+            [
+                Problem(
+                    str(shown),
+                    line,
+                    where,
+                    f'{raw!r} is not a list of keys; write unset = ["model.tiny"]',
+                )
+            ]
+        )
+    if not has_parents:
+        raise InvalidRecipe(
+            [
+                Problem(
+                    str(shown),
+                    line,
+                    where,
+                    "unset removes keys a parent sets, and this file extends none; remove "
+                    "the keys from this file instead",
+                )
+            ]
+        )
+    problems = []
+    for item in raw:
+        key = tuple(part.strip() for part in item.split("."))
+        problem = None if all(key) else "an empty key part; write it as table.key"
+        problem = problem or unset_problem(key)
+        if problem is None and not drop_key(merged.data, merged.origins, key):
+            problem = (
+                f"{item!r} is not set by the files this one extends; remove it from unset "
+                "(a key left out takes its default)"
+            )
+        if problem:
+            problems.append(Problem(str(shown), line, where, f"{item}: {problem}"))
+    if problems:
+        raise InvalidRecipe(problems)
+
+
 def _parents(
     data: dict[str, Any], shown: Path, path: Path, line: int, confinement: Confinement | None
 ) -> list[tuple[Path, int]]:
@@ -202,7 +283,8 @@ def _load(
     rank = len(files) - 1
     merged = Merged({}, {}, [])
     extends_line = lines.get(("extends",), 1)
-    for parent, line in _parents(data, shown, path, extends_line, confinement):
+    parents = _parents(data, shown, path, extends_line, confinement)
+    for parent, line in parents:
         parent_path = parent.expanduser().resolve()
         seen = [p for p, _ in chain] + [path]
         if parent_path in seen:
@@ -219,10 +301,11 @@ def _load(
             )
         layer = _load(parent, (*chain, (path, str(shown))), files, confinement)
         merged = _merge(merged, layer.data, layer.origins)
+    _unset(data, merged, shown, lines.get(("unset",), 1), bool(parents))
     own = {
         key: Origin(path, str(shown), number, rank)
         for key, number in lines.items()
-        if key != ("extends",) and _get(data, key) is not None
+        if key not in (("extends",), ("unset",)) and _get(data, key) is not None
     }
     return _merge(merged, data, own)
 

@@ -1,19 +1,27 @@
 """TOML in, a validated Recipe out.
 
-Parse, apply --set overrides, check schema and cross-field rules.
+Parse, apply --unset and --set overrides, check schema and cross-field rules.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from runner.errors import RecipeError
-from runner.recipe.confine import Confinement, path_errors, remote_code_errors
-from runner.recipe.layers import load_layers, lookup
+from runner.recipe.confine import (
+    Confinement,
+    path_errors,
+    path_kind,
+    read_paths,
+    remote_code_errors,
+)
+from runner.recipe.layers import drop_key, is_local_path, load_layers, lookup, unset_problem
 from runner.recipe.mix import TEMPLATE_KEYS
 from runner.recipe.model import BUILTIN_TINY, Recipe
 from runner.recipe.problems import InvalidRecipe, Problem
@@ -48,6 +56,17 @@ def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     if types and "string" in types and not isinstance(value, str):
         value = raw
     return path, value
+
+
+def parse_unset(item: str) -> tuple[str, ...]:
+    """`model.tiny` -> ("model", "tiny"); RecipeError naming the key when the schema has none."""
+    path = tuple(part.strip() for part in item.strip().split("."))
+    if not all(path):
+        raise RecipeError(f"--unset {item}: empty key part; write it as table.key, e.g. model.tiny")
+    problem = unset_problem(path)
+    if problem:
+        raise RecipeError(f"--unset {item}: {problem}")
+    return path
 
 
 def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -344,16 +363,40 @@ def load_recipe(
     path: Path | str,
     overrides: tuple[str, ...] | list[str] = (),
     allow: Iterable[str | Path] = (),
+    unsets: tuple[str, ...] | list[str] = (),
+    *,
+    lenient: bool = False,
+    check_files: bool = False,
 ) -> Recipe:
     """Read (with the files it extends), override, validate. Raises RecipeError with one line
     per problem (an InvalidRecipe, which also carries each problem's file, line and key).
-    `allow`: folders outside the recipe root the person running lets it read (--allow-path)."""
+    `allow`: folders outside the recipe root the person running lets it read (--allow-path).
+    `unsets`: keys removed (--unset) before `overrides` apply; `lenient`: an unset of a key that
+    is not set is no error (settings a run directory remembers, re-applied to an edited file).
+    `check_files`: local data, template and corpus files must exist (`recipe validate`)."""
     shown = Path(path)  # as the user wrote it, for messages
     path = shown.expanduser().resolve()
     confinement = Confinement.for_recipe(path, allow)
     merged = load_layers(shown, confinement)
-    origins = merged.origins
+    origins = dict(merged.origins)
     written = copy.deepcopy(merged.data)
+    # --unset first, then --set: `--unset quantization --set quantization.load_in_8bit=true`
+    # replaces a table; the other order could only undo a --set of the same command.
+    unset_errors: list[str] = []
+    for item in unsets:
+        try:
+            key = parse_unset(item)
+        except RecipeError as e:
+            unset_errors.extend(e.lines)
+            continue
+        if not drop_key(written, origins, key) and not lenient:
+            files = "" if len(merged.files) == 1 else " (or a file it extends)"
+            unset_errors.append(
+                f"--unset {item}: {shown}{files} does not set {'.'.join(key)}, so there is "
+                "nothing to unset (a key left out takes its default); check the key"
+            )
+    if unset_errors:
+        raise RecipeError(unset_errors)
     from_set: dict[tuple[str, ...], str] = {}
     for item in overrides:
         key, value = parse_override(item)
@@ -383,12 +426,18 @@ def load_recipe(
         raise InvalidRecipe(errors)
     full = with_defaults(written)
     errors = by_line(cross_field_errors(written, full))
+    if errors and (overrides or unsets):
+        errors = [_with_unset_hint(p, from_set) for p in errors]
     if errors:
         raise InvalidRecipe(errors)
     # Where the recipe reads and writes: checked here so validate and plan report it too. A run
     # directory given with --set is the choice of the person running, not of the recipe.
     chosen = ("recipe", "output_dir") in from_set
-    errors = by_line(path_errors(written, path.parent, confinement, chosen))
+    refused = path_errors(written, path.parent, confinement, chosen)
+    if check_files:  # a path the recipe may not read is reported as that, not as missing
+        keys = {key for key, _ in refused}
+        refused += [e for e in missing_file_errors(written, path.parent) if e[0] not in keys]
+    errors = by_line(refused)
     errors += by_line(remote_code_errors(full, path.parent))
     if errors:
         raise InvalidRecipe(errors)
@@ -399,21 +448,68 @@ def load_recipe(
         data=full,
         written=written,
         overrides=tuple(overrides),
+        unsets=tuple(unsets),
         origins=where,
         files=tuple(merged.files),
         confinement=confinement,
     )
 
 
+def missing_file_errors(
+    written: dict[str, Any], base_dir: Path
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Local files and folders the recipe names that are not there (hub ids are not checked:
+    that needs the network). Paths are relative to the recipe file (parents' were rebased)."""
+    errors: list[tuple[tuple[str | int, ...], str]] = []
+    for key, value in read_paths(written):
+        kind = path_kind(key)
+        if kind == ("model", "name_or_path") and not value.startswith((".", "/", "~")):
+            continue  # a hub id (gpt2, THUDM/chatglm3-6b) or builtin:tiny-glm
+        if kind == ("dataset", "path") and not is_local_path(kind, value, base_dir):
+            continue
+        target = base_dir / Path(value).expanduser()
+        if kind == ("dataset", "path") and any(c in value for c in "*?["):
+            if not glob.glob(str(target), recursive=True):
+                errors.append((key, f"{value!r} matches no file; check the pattern"))
+        elif not target.exists():
+            errors.append(
+                (
+                    key,
+                    f"{value!r} not found (looked for {os.path.normpath(target)}); the path is "
+                    "relative to the file that sets it",
+                )
+            )
+    return errors
+
+
+def _with_unset_hint(problem: Problem, from_set: dict[tuple[str, ...], str]) -> Problem:
+    """On the command line, the way to remove a key a file sets is --unset: say so."""
+    if problem.path is None:
+        return problem
+    key = problem.path.removeprefix("$.")
+    message = problem.message
+    if "remove it" in message and not problem.set_item:
+        message = message.replace("remove it", f"remove it (--unset {key})", 1)
+    elif message.startswith("both of ") and problem.set_item:
+        table, part = key.split(".", 1)
+        other = part.removesuffix("_file") if part.endswith("_file") else f"{part}_file"
+        if (table, other) not in from_set:
+            message += f" (add --unset {table}.{other} to drop the recipe's)"
+    return Problem(problem.file, problem.line, problem.path, message, problem.set_item)
+
+
 def validation_report(
-    files: Sequence[Path], overrides: Sequence[str] = (), allow: Iterable[str | Path] = ()
+    files: Sequence[Path],
+    overrides: Sequence[str] = (),
+    allow: Iterable[str | Path] = (),
+    unsets: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """`recipe validate --format json`: every problem of every file as {file, line, path, message}
     (line and path null where a problem has none, e.g. a file that does not parse)."""
     found: list[dict[str, Any]] = []
     for f in files:
         try:
-            load_recipe(f, tuple(overrides), tuple(allow))
+            load_recipe(f, tuple(overrides), tuple(allow), tuple(unsets), check_files=True)
         except InvalidRecipe as e:
             found.extend(p.as_json() for p in e.problems)
         except RecipeError as e:

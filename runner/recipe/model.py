@@ -30,7 +30,8 @@ class Recipe:
     path: Path  # the recipe file, absolute
     data: dict[str, Any]  # validated, with defaults
     written: dict[str, Any]  # as written (after overrides), without defaults
-    overrides: tuple[str, ...] = field(default=())
+    overrides: tuple[str, ...] = field(default=())  # --set KEY=VALUE items
+    unsets: tuple[str, ...] = field(default=())  # --unset KEY items (applied before overrides)
     origins: dict[str, Path] = field(default_factory=dict)  # dotted key -> parent file that set it
     files: tuple[Path, ...] = field(default=())  # the recipe and every file it extends
     confinement: Confinement | None = None  # where it may read (None: built by hand, in tests)
@@ -101,6 +102,8 @@ class Recipe:
         header = [f"# {self.path} resolved (defaults and overrides applied)"]
         if len(self.files) > 1:
             header.append(f"# extends: {', '.join(str(f) for f in self.files[1:])}")
+        if self.unsets:
+            header.append("# --unset " + " --unset ".join(self.unsets).replace("\n", "\\n"))
         if self.overrides:
             header.append("# --set " + " --set ".join(self.overrides).replace("\n", "\\n"))
         return "\n".join(header) + "\n" + tomli_w.dumps(_drop_none(self.data))
