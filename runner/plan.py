@@ -15,11 +15,11 @@ from typing import Any
 
 from runner.changes import explain
 from runner.checkpoints import attempt_dir, newest_valid, step_of
-from runner.data.sources import dataset_identity
+from runner.data.sources import data_identity, dataset_identity
 from runner.data.templates import prompt_keeps_newline, template_identity
 from runner.models.resolve import tokenizer_identity, weights_identity
 from runner.recipe import Recipe, flatten
-from runner.recipe.mix import rekeyed, source_recipes
+from runner.recipe.mix import has_sources
 from runner.recipe.schema import quiet_defaults
 from runner.rundir import (
     ADAPTER,
@@ -53,15 +53,8 @@ class Stage:
 def format_inputs(recipe: Recipe) -> dict[str, Any]:
     """The format stage's input files: the data (local files' hashes or the hub id and revision)
     and the template files; of every [[dataset.sources]] table for a mix."""
-    sources = source_recipes(recipe)
-    if sources:
-        data, templates = {}, {}
-        for source in sources:
-            with rekeyed(source):
-                data[f"sources[{source.index}]"] = dataset_identity(source.recipe)
-                templates.update(template_identity(source.recipe))
-        # a mix is newer than the prompt's kept newline: no runs from before to tell apart
-        return {"dataset": data, "templates": templates}
+    if has_sources(recipe):  # newer than the prompt's kept newline: no older runs to tell apart
+        return data_identity(recipe)
     inputs: dict[str, Any] = {
         "dataset": dataset_identity(recipe),
         "templates": template_identity(recipe),

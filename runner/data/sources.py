@@ -12,6 +12,7 @@ from typing import Any
 
 from runner.errors import RecipeError
 from runner.recipe import Recipe
+from runner.recipe.mix import rekeyed, source_recipes
 from runner.state import sha256_file
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -97,6 +98,23 @@ def dataset_identity(recipe: Recipe) -> dict[str, Any]:
     if files is None:
         return {"hub": ds["path"], "name": ds["name"], "revision": ds["revision"] or "main"}
     return {"files": {recipe.portable(ds["path"], f): sha256_file(f) for f in files}}
+
+
+def data_identity(recipe: Recipe) -> dict[str, Any]:
+    """{"dataset": ..., "templates": ...}: what the formatted rows are made of, cheaply. For a
+    [[dataset.sources]] mix, each source's data keyed `sources[i]` (a stale reason then names
+    the source) and every source's template files."""
+    from runner.data.templates import template_identity
+
+    sources = source_recipes(recipe)
+    if not sources:
+        return {"dataset": dataset_identity(recipe), "templates": template_identity(recipe)}
+    data, templates = {}, {}
+    for source in sources:
+        with rekeyed(source):
+            data[f"sources[{source.index}]"] = dataset_identity(source.recipe)
+            templates.update(template_identity(source.recipe))
+    return {"dataset": data, "templates": templates}
 
 
 def parse_split(spec: str) -> tuple[str, str | None, str | None]:
