@@ -203,8 +203,8 @@ def check_lock(recipe: Recipe, recipe_file: Path) -> tuple[list[str], list[str]]
 
     def hub(section: str, old: dict[str, Any], new: dict[str, Any], label: str) -> None:
         if new["revision"] == old.get("revision"):
-            if old.get("commit") and label == section:  # a source's revision: checked, not pinned
-                pins.append(f"{section}.revision={old['commit']}")
+            if old.get("commit"):  # a source's by its index: dataset.sources[1].revision=...
+                pins.append(f"{label}.revision={old['commit']}")
         elif new["revision"] != old.get("commit"):
             drift(f"{label}.revision", old.get("revision"), new["revision"])
         if section == "dataset" and old.get("name") != new.get("name"):

@@ -389,7 +389,11 @@ def test_lock_pins_each_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         "revision": "v1",
         "commit": "c" * 40,
     }
-    assert check_lock(recipe, path) == ([], [])
+    # --locked runs the hub source at its locked commit, the others' settings untouched
+    assert check_lock(recipe, path) == ([], [f"dataset.sources[2].revision={'c' * 40}"])
+    pinned = lockfile.apply_lock(recipe, path)
+    assert pinned.section("dataset")["sources"][2]["revision"] == "c" * 40
+    assert pinned.section("dataset")["sources"][1] == recipe.section("dataset")["sources"][1]
     write_jsonl(tmp_path / "data" / "chat.jsonl", CHAT[:5])
     drifts, _ = check_lock(load_recipe(path), path)
     assert len(drifts) == 1
@@ -416,6 +420,18 @@ def test_an_export_copies_every_sources_files(tmp_path: Path) -> None:
         "inputs/data/qa.jsonl",
         "inputs/qa_prompt.j2",
     ]
+
+
+def test_set_reaches_a_source_by_its_index(tmp_path: Path) -> None:
+    path = mix_recipe(tmp_path, THREE)
+    recipe = load_recipe(path, ["dataset.sources[1].weight=3"])
+    assert stage_params(recipe, STAGES[0])["dataset.sources[1].weight"] == 3
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, ["dataset.sources[3].weight=3"])
+    assert str(e.value) == (
+        "--set dataset.sources[3].weight: dataset.sources has 3 tables, [0] to [2]; add the "
+        "table in the recipe file"
+    )
 
 
 def test_compare_table_names_each_rows_source() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import glob
 import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,14 +34,22 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
-    """`lora.r=16` -> (("lora", "r"), 16), typed by the schema where it can be."""
+_INDEXED = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)\[(?P<index>\d+)\]$")
+
+
+def parse_override(item: str) -> tuple[tuple[str | int, ...], Any]:
+    """`lora.r=16` -> (("lora", "r"), 16), typed by the schema where it can be; a table of an
+    array by its index: `dataset.sources[1].rows=2` -> (("dataset", "sources", 1, "rows"), 2)."""
     if "=" not in item:
         raise RecipeError(f"--set {item}: expected KEY=VALUE, e.g. --set lora.r=16")
     key, raw = item.split("=", 1)
-    path = tuple(part.strip() for part in key.strip().split("."))
-    if not all(path):
+    parts = tuple(part.strip() for part in key.strip().split("."))
+    if not all(parts):
         raise RecipeError(f"--set {item}: empty key part; write it as table.key=value")
+    path: tuple[str | int, ...] = ()
+    for part in parts:
+        indexed = _INDEXED.match(part)
+        path += (indexed["name"], int(indexed["index"])) if indexed else (part,)
     if path[0] == "extends":
         raise RecipeError(
             f"--set {item}: extends cannot be set on the command line; write it in the recipe file"
@@ -69,14 +78,37 @@ def parse_unset(item: str) -> tuple[str, ...]:
     return path
 
 
-def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    node = data
-    for part in path[:-1]:
+def _set(data: dict[str, Any], path: tuple[str | int, ...], value: Any) -> None:
+    node: Any = data
+    shown = json_path(path).removeprefix("$.")
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(part, int):  # a table of an array of tables ([[dataset.sources]])
+            name = json_path(path[:i]).removeprefix("$.")
+            if not isinstance(node, list):
+                raise RecipeError(f"--set {shown}: {name} is not an array of tables")
+            if part >= len(node):
+                raise RecipeError(
+                    f"--set {shown}: {name} has {len(node)} tables, [0] to [{len(node) - 1}]; "
+                    "add the table in the recipe file"
+                )
+            if last:
+                node[part] = value
+            elif not isinstance(node[part], dict):
+                raise RecipeError(f"--set {shown}: {name}[{part}] is not a table")
+            else:
+                node = node[part]
+            continue
+        if last:
+            node[part] = value
+            break
+        if isinstance(path[i + 1], int):
+            node = node.setdefault(part, [])
+            continue
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise RecipeError(f"--set {'.'.join(path)}: {part} is not a table")
+            raise RecipeError(f"--set {shown}: {part} is not a table")
         node = child
-    node[path[-1]] = value
 
 
 def cross_field_errors(
@@ -399,9 +431,9 @@ def load_recipe(
         raise RecipeError(unset_errors)
     from_set: dict[tuple[str, ...], str] = {}
     for item in overrides:
-        key, value = parse_override(item)
-        _set(written, key, value)
-        from_set[key] = item
+        set_key, value = parse_override(item)
+        _set(written, set_key, value)
+        from_set[tuple(str(k) for k in set_key)] = item
 
     def problem(p: tuple[str | int, ...], message: str) -> Problem:
         strs = tuple(str(x) for x in p)

@@ -48,10 +48,16 @@ def json_path(path: tuple[str | int, ...]) -> str:
     return out
 
 
-def subschema(path: tuple[str, ...]) -> dict[str, Any] | None:
-    """The schema of the key at `path`, or None when the schema does not know it."""
+def subschema(path: tuple[str | int, ...]) -> dict[str, Any] | None:
+    """The schema of the key at `path` (an int: a table of an array of tables), or None when the
+    schema does not know it."""
     node: dict[str, Any] = load_schema()
     for part in path:
+        if isinstance(part, int):
+            if "items" not in node:
+                return None
+            node = node["items"]
+            continue
         props = node.get("properties")
         if not props or part not in props:
             return None
