@@ -432,6 +432,12 @@ def test_set_reaches_a_source_by_its_index(tmp_path: Path) -> None:
         "--set dataset.sources[3].weight: dataset.sources has 3 tables, [0] to [2]; add the "
         "table in the recipe file"
     )
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, unsets=["dataset.sources[0].weight"])
+    assert str(e.value) == (
+        "--unset dataset.sources[0].weight: a key inside one of dataset.sources's tables cannot "
+        "be unset; --set it (--set dataset.sources[0].weight=...) or unset all of dataset.sources"
+    )
 
 
 def test_compare_table_names_each_rows_source() -> None:

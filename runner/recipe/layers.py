@@ -156,6 +156,13 @@ def unset_problem(key: Key) -> str | None:
     node: dict[str, Any] = load_schema()
     for i, part in enumerate(key):
         props = node.get("properties") or {}
+        table = part.split("[", 1)[0]
+        if part.endswith("]") and props.get(table, {}).get("type") == "array":
+            whole = ".".join((*key[:i], table))
+            return (
+                f"a key inside one of {whole}'s tables cannot be unset; --set it "
+                f"(--set {'.'.join(key)}=...) or unset all of {whole}"
+            )
         if part in props:
             node = props[part]
             continue
