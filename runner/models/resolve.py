@@ -2,6 +2,9 @@
 
 `model_identity` and `tokenizer_identity` are cheap (no torch): they feed the fingerprints.
 `materialize` does the work (build the tiny model, download, convert ChatGLM) and caches it.
+`tokenizer_folder` does only what preparing data needs (the tokenizer files: no weights, no
+pre-training, no weight conversion), so format, tokenize and `recipe inspect` run on a laptop
+for any model; quantize-load is the first stage that needs the weights.
 """
 
 from __future__ import annotations
@@ -27,6 +30,19 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "vocab.json",
     "merges.txt",
+)
+# What a tokenizer-only hub download fetches (huggingface_hub allow_patterns): every file a
+# tokenizer of TOKENIZER_FILES / TOKENIZER_VOCAB may be made of, a SentencePiece model under any
+# name, the chat template, and config.json (a ChatGLM checkpoint is told by it).
+TOKENIZER_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+    "config.json",
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 SOURCE_FILE = "recipe_source.json"  # in a converted folder: what it was converted from
@@ -182,6 +198,71 @@ def materialize(recipe: Recipe, log: Callable[[str], None]) -> Path:
     return folder
 
 
+def tokenizer_folder(recipe: Recipe, log: Callable[[str], None]) -> Path:
+    """A local folder with the tokenizer of the recipe's model, the same files `materialize`'s
+    folder has, fetched or built alone: the tiny model's tokenizer without the model, a hub
+    model's tokenizer files without its weights, a ChatGLM checkpoint's tokenizer converted
+    without its weights. A folder `materialize` already made is used as it is."""
+    ident = model_identity(recipe)
+    if ident["kind"] == "builtin":
+        built = builtin_folder(ident)
+        if (built / "config.json").is_file():
+            return built
+        return _tiny_tokenizer(recipe, log)
+    if ident["kind"] == "local":
+        folder = recipe.resolve(recipe.get("model.name_or_path"))
+    else:
+        folder = _download(recipe, ident, TOKENIZER_PATTERNS)
+    check_model_folder(recipe, folder)
+    if recipe.get("model.random_init"):  # materialize copies the folder's tokenizer files
+        return folder
+    if is_chatglm_folder(folder):
+        converted = converted_folder(ident)
+        if (converted / "config.json").is_file():
+            return converted
+        return _convert_chatglm_tokenizer(folder, log)
+    return folder
+
+
+def tiny_tokenizer_folder(recipe: Recipe) -> Path:
+    """Where the tiny model's tokenizer alone is cached: keyed by what determines it."""
+    return cache_root() / "tokenizers" / f"tiny-glm-{fingerprint(tokenizer_identity(recipe))}"
+
+
+def _tiny_tokenizer(recipe: Recipe, log: Callable[[str], None]) -> Path:
+    out = tiny_tokenizer_folder(recipe)
+    if (out / "tokenizer.json").is_file():
+        return out
+    from runner.models.tiny import build_tiny_tokenizer
+
+    tiny = recipe.get("model.tiny")
+    log(f"building the embedded tiny model's tokenizer into {out} (once; cached)")
+    facts = build_tiny_tokenizer(
+        out, corpus=recipe.resolve(tiny["corpus"]), vocab_size=tiny["vocab_size"]
+    )
+    log(f"tiny tokenizer built: {facts}")
+    return out
+
+
+def _convert_chatglm_tokenizer(folder: Path, log: Callable[[str], None]) -> Path:
+    """ChatGLM3's tokenizer as the conversion writes it, keyed by the files it is made of."""
+    src = {"kind": "tokenizer", "files": _folder_files(folder, (*TOKENIZER_FILES, "config.json"))}
+    key = fingerprint({"src": src, "v": CONVERTER_VERSION})
+    out = cache_root() / "converted" / f"glm-tokenizer-{key}"
+    if (out / "tokenizer.json").is_file():
+        return out
+    from runner.models.chatglm.checkpoint import convert_tokenizer
+
+    log(f"converting the ChatGLM tokenizer of {folder} into {out} (once; cached)")
+    try:
+        convert_tokenizer(folder, out, overwrite=True)
+    except (OSError, ValueError) as e:
+        raise RecipeError(
+            f"{folder}: cannot convert this ChatGLM tokenizer: {type(e).__name__}: {e}"
+        ) from None
+    return out
+
+
 def builtin_folder(ident: dict[str, Any]) -> Path:
     """Where the embedded tiny model of these settings is (or will be) cached."""
     return cache_root() / "models" / f"tiny-glm-{fingerprint(ident)}"
@@ -193,10 +274,12 @@ def _build_tiny(recipe: Recipe, ident: dict[str, Any], log: Callable[[str], None
         return out
     from runner.models.tiny import build_tiny_model
 
+    tokenizer = _tiny_tokenizer(recipe, log)  # the tokenizer tokenize used: the same ids
     tiny = dict(recipe.get("model.tiny"))
     log(f"building the embedded tiny model into {out} (once; cached)")
     facts = build_tiny_model(
         out,
+        tokenizer_dir=tokenizer,
         corpus=recipe.resolve(tiny["corpus"]),
         seed=tiny["seed"],
         vocab_size=tiny["vocab_size"],
@@ -213,11 +296,20 @@ def _build_tiny(recipe: Recipe, ident: dict[str, Any], log: Callable[[str], None
     return out
 
 
-def _download(recipe: Recipe, ident: dict[str, Any]) -> Path:
+def _download(
+    recipe: Recipe, ident: dict[str, Any], patterns: tuple[str, ...] | None = None
+) -> Path:
+    """The hub snapshot at the pinned revision: every file, or those matching `patterns`."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(ident["id"], revision=ident["revision"]))
+        return Path(
+            snapshot_download(
+                ident["id"],
+                revision=ident["revision"],
+                allow_patterns=list(patterns) if patterns else None,
+            )
+        )
     except Exception as e:  # network, auth, missing repo: one line for the user
         raise RecipeError(
             f"{recipe.path}: $.model.name_or_path: cannot fetch {ident['id']!r} "
