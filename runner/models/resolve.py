@@ -15,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runner.data.sources import dataset_identity
+from runner.data.templates import template_identity
 from runner.errors import RecipeError
-from runner.recipe import BUILTIN_TINY, Recipe
+from runner.recipe import BUILTIN_TINY, TINY_CORPUS_TRAIN, Recipe, flatten
 from runner.recipe.confine import check_code_unchanged
-from runner.state import fingerprint, sha256_file
+from runner.state import cache_root, fingerprint, sha256_file
 
 TINY_BUILDER_VERSION = 1
 CONVERTER_VERSION = 2  # 2: the source's config kept in recipe_source.json
@@ -48,20 +50,65 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 SOURCE_FILE = "recipe_source.json"  # in a converted folder: what it was converted from
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("RECIPE_CACHE", "~/.cache/recipe")).expanduser()
+# The keys that decide the formatted training texts: what the format stage reads (runner/plan.py)
+# but the template's format, which turns texts into tokens.
+TEXT_KEYS = ("recipe.seed", "dataset", "template")
+
+
+def training_texts_identity(recipe: Recipe) -> dict[str, Any]:
+    """What decides the recipe's formatted training texts, cheaply (no formatting): the format
+    stage's settings and the content hashes of its data and template files. It keys the tiny
+    model built on them (corpus = "train"), so other data builds another model."""
+    params = {
+        k: v
+        for k, v in flatten(recipe.data).items()
+        if any(k == r or k.startswith(r + ".") for r in TEXT_KEYS) and k != "template.format"
+    }
+    return {
+        "params": params,
+        "dataset": dataset_identity(recipe),
+        "templates": template_identity(recipe),
+    }
 
 
 def _tiny_settings(recipe: Recipe) -> dict[str, Any]:
     tiny = dict(recipe.get("model.tiny"))
-    corpus = recipe.resolve(tiny.pop("corpus"))
+    named = tiny.pop("corpus")
+    if named == TINY_CORPUS_TRAIN:
+        tiny["corpus_source"] = training_texts_identity(recipe)
+        return tiny
+    corpus = recipe.resolve(named)
     if not corpus.is_file():
         raise RecipeError(
             f"{recipe.origin('model.tiny.corpus')}: $.model.tiny.corpus: {corpus} not found; "
-            "point it at a JSON-lines file with a `text` field"
+            "point it at a JSON-lines file with a `text` field (or "
+            f'corpus = "{TINY_CORPUS_TRAIN}": the recipe\'s own training texts)'
         )
     tiny["corpus_sha256"] = sha256_file(corpus)
     return tiny
+
+
+def tiny_texts(recipe: Recipe) -> list[str]:
+    """The texts the tiny model's tokenizer and pre-training learn from: the corpus file's, or
+    with corpus = "train" the recipe's formatted training rows (each prompt, then each response,
+    as separate texts: the base learns the language, fine-tuning the prompt -> response
+    mapping; held-out rows are never among them)."""
+    from runner.models.tiny import read_corpus
+
+    named = recipe.get("model.tiny.corpus")
+    if named != TINY_CORPUS_TRAIN:
+        return read_corpus(recipe.resolve(named))
+    from runner.data.formatting import prepare
+
+    train = prepare(recipe).train
+    texts = list(dict.fromkeys(t for t in [*train["prompt"], *train["response"]] if t.strip()))
+    if not texts:
+        raise RecipeError(
+            f"{recipe.origin('model.tiny.corpus')}: $.model.tiny.corpus: "
+            f'"{TINY_CORPUS_TRAIN}": the training split has no text to build the tiny model on; '
+            "add rows, or point corpus at a JSON-lines file with a `text` field"
+        )
+    return texts
 
 
 def _folder_files(
@@ -117,7 +164,8 @@ def weights_identity(recipe: Recipe) -> dict[str, Any]:
 def tokenizer_identity(recipe: Recipe) -> dict[str, Any]:
     ident = model_identity(recipe)
     if ident["kind"] == "builtin":  # the tokenizer depends on these alone
-        return {k: ident[k] for k in ("kind", "builder", "vocab_size", "corpus_sha256", "seed")}
+        keys = ("kind", "builder", "vocab_size", "corpus_sha256", "corpus_source", "seed")
+        return {k: ident[k] for k in keys if k in ident}
     if ident["kind"] == "local":
         folder = recipe.resolve(recipe.get("model.name_or_path"))
         return {"kind": "local", "files": _folder_files(folder, TOKENIZER_FILES)}
@@ -229,16 +277,19 @@ def tiny_tokenizer_folder(recipe: Recipe) -> Path:
     return cache_root() / "tokenizers" / f"tiny-glm-{fingerprint(tokenizer_identity(recipe))}"
 
 
-def _tiny_tokenizer(recipe: Recipe, log: Callable[[str], None]) -> Path:
+def _tiny_tokenizer(
+    recipe: Recipe, log: Callable[[str], None], texts: list[str] | None = None
+) -> Path:
     out = tiny_tokenizer_folder(recipe)
     if (out / "tokenizer.json").is_file():
         return out
     from runner.models.tiny import build_tiny_tokenizer
 
-    tiny = recipe.get("model.tiny")
     log(f"building the embedded tiny model's tokenizer into {out} (once; cached)")
     facts = build_tiny_tokenizer(
-        out, corpus=recipe.resolve(tiny["corpus"]), vocab_size=tiny["vocab_size"]
+        out,
+        texts=tiny_texts(recipe) if texts is None else texts,
+        vocab_size=recipe.get("model.tiny.vocab_size"),
     )
     log(f"tiny tokenizer built: {facts}")
     return out
@@ -274,13 +325,14 @@ def _build_tiny(recipe: Recipe, ident: dict[str, Any], log: Callable[[str], None
         return out
     from runner.models.tiny import build_tiny_model
 
-    tokenizer = _tiny_tokenizer(recipe, log)  # the tokenizer tokenize used: the same ids
+    texts = tiny_texts(recipe)
+    tokenizer = _tiny_tokenizer(recipe, log, texts)  # the tokenizer tokenize used: same ids
     tiny = dict(recipe.get("model.tiny"))
     log(f"building the embedded tiny model into {out} (once; cached)")
     facts = build_tiny_model(
         out,
         tokenizer_dir=tokenizer,
-        corpus=recipe.resolve(tiny["corpus"]),
+        texts=texts,
         seed=tiny["seed"],
         vocab_size=tiny["vocab_size"],
         hidden_size=tiny["hidden_size"],

@@ -230,19 +230,30 @@ def _save_atomically(out_dir: Path, save: Callable[[Path], None]) -> None:
     replace_dir(tmp, out_dir)
 
 
+def corpus_texts(corpus: Path | None, texts: Sequence[str] | None) -> list[str]:
+    """The texts a build trains on: given, or read from the ``corpus`` file."""
+    if texts is not None:
+        return list(texts)
+    if corpus is None:
+        raise ValueError("a tiny model build needs a corpus file or texts")
+    return read_corpus(corpus)
+
+
 def build_tiny_tokenizer(
     out_dir: Path,
     *,
-    corpus: Path,
+    corpus: Path | None = None,
+    texts: Sequence[str] | None = None,
     vocab_size: int = 2000,
     max_position_embeddings: int = 1024,
     tokenizer_extra: Sequence[str] = TOKENIZER_EXTRA,
 ) -> dict[str, Any]:
-    """Train the tiny model's tokenizer alone on ``corpus`` and save it to ``out_dir``: all that
-    format, tokenize and `recipe inspect` need. ``build_tiny_model(tokenizer_dir=out_dir)`` then
-    builds the model around these very files, so ids never differ between the two."""
+    """Train the tiny model's tokenizer alone on ``corpus`` (or ``texts``) and save it to
+    ``out_dir``: all that format, tokenize and `recipe inspect` need.
+    ``build_tiny_model(tokenizer_dir=out_dir)`` then builds the model around these very files,
+    so ids never differ between the two."""
     started = time.perf_counter()
-    texts = read_corpus(corpus)
+    texts = corpus_texts(corpus, texts)
     tokenizer = train_tokenizer([*texts, *tokenizer_extra], vocab_size, max_position_embeddings)
 
     def save(path: Path) -> None:
@@ -259,7 +270,8 @@ def build_tiny_tokenizer(
 def build_tiny_model(
     out_dir: Path,
     *,
-    corpus: Path,
+    corpus: Path | None = None,
+    texts: Sequence[str] | None = None,
     seed: int = 0,
     vocab_size: int = 2000,
     hidden_size: int = 256,
@@ -277,7 +289,7 @@ def build_tiny_model(
     tokenizer_dir: Path | None = None,
     log: Log | None = None,
 ) -> dict[str, Any]:
-    """Train tokenizer + pre-train a tiny GLM on ``corpus``; save to ``out_dir``.
+    """Train tokenizer + pre-train a tiny GLM on ``corpus`` (or ``texts``); save to ``out_dir``.
 
     With ``tokenizer_dir`` (a ``build_tiny_tokenizer`` folder of the same corpus and vocabulary
     size) the model uses that tokenizer and its files are copied as they are, byte for byte.
@@ -290,7 +302,7 @@ def build_tiny_model(
     if num_threads:
         torch.set_num_threads(num_threads)
     started = time.perf_counter()
-    texts = read_corpus(corpus)
+    texts = corpus_texts(corpus, texts)
     if tokenizer_dir is None:
         tokenizer = train_tokenizer([*texts, *tokenizer_extra], vocab_size, max_position_embeddings)
     else:
