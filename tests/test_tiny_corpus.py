@@ -56,9 +56,14 @@ def test_the_tokenizer_learns_the_training_texts_words(
     monkeypatch.setenv("RECIPE_CACHE", str(tmp_path / "cache"))
     recipe = load_recipe(english_recipe(tmp_path))
     texts = resolve.tiny_texts(recipe)
-    assert "Q: Describe the garden near the candle.\nA: " in texts  # the rendered prompt
-    assert "The garden is candle and quiet in the morning." in texts  # and the response
-    assert not any(HELDOUT_ONLY in t for t in texts)
+    prompt, response = (
+        "Q: Describe the garden near the candle.\nA: ",
+        "The garden is candle and quiet in the morning.",
+    )
+    assert prompt in texts.tokenizer and response in texts.tokenizer  # rendered, as trained
+    assert texts.pretrain == [t for t in texts.tokenizer if not t.startswith("Q: ")]
+    assert response in texts.pretrain  # pre-trained on responses alone: the mapping is left
+    assert not any(HELDOUT_ONLY in t for t in texts.tokenizer)  # to fine-tuning
     tok = AutoTokenizer.from_pretrained(resolve.tokenizer_folder(recipe, print))
     for word in [" Describe", " garden", " candle", " morning", " quiet"]:
         assert len(tok.tokenize(word)) == 1, (word, tok.tokenize(word))  # words, not fragments
@@ -77,7 +82,7 @@ def test_the_full_build_learns_the_same_texts_with_the_same_tokenizer(
     assert (model / "model.safetensors").is_file()
     for f in alone.iterdir():
         assert (model / f.name).read_bytes() == f.read_bytes(), f.name
-    texts = len(resolve.tiny_texts(recipe))
+    texts = len(resolve.tiny_texts(recipe).pretrain)
     assert any(s.startswith("tokenizer: ") and s.endswith(f" from {texts} texts") for s in said)
     facts = next(s for s in said if s.startswith("tiny model built: "))
     assert "'pretrain_steps': 2" in facts
@@ -127,7 +132,7 @@ def test_train_is_not_a_file_even_in_a_parent_recipe(tmp_path: Path) -> None:
     recipe = load_recipe(child)
     assert recipe.get("model.tiny.corpus") == "train"  # not rebased to shared/train
     assert recipe.get("dataset.path") == "./shared/data"
-    assert "The garden is candle and quiet in the morning." in resolve.tiny_texts(recipe)
+    assert "The garden is candle and quiet in the morning." in resolve.tiny_texts(recipe).pretrain
 
 
 def test_inspect_on_the_training_texts_builds_no_model(

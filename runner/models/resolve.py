@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,27 +89,38 @@ def _tiny_settings(recipe: Recipe) -> dict[str, Any]:
     return tiny
 
 
-def tiny_texts(recipe: Recipe) -> list[str]:
-    """The texts the tiny model's tokenizer and pre-training learn from: the corpus file's, or
-    with corpus = "train" the recipe's formatted training rows (each prompt, then each response,
-    as separate texts: the base learns the language, fine-tuning the prompt -> response
-    mapping; held-out rows are never among them)."""
+@dataclass(frozen=True)
+class TinyTexts:
+    """What the tiny model learns from: its tokenizer's texts and its pre-training's."""
+
+    tokenizer: list[str]
+    pretrain: list[str]
+
+
+def tiny_texts(recipe: Recipe) -> TinyTexts:
+    """The corpus file's texts for both, or with corpus = "train" the recipe's formatted training
+    rows (never the held-out ones): the tokenizer learns every prompt and response, the
+    pre-training the responses alone, as adgen-tiny's corpus is ad copy without prompts. So the
+    base speaks the data's language but has not seen the prompt -> response mapping, which
+    fine-tuning teaches (and the before/after table shows)."""
     from runner.models.tiny import read_corpus
 
     named = recipe.get("model.tiny.corpus")
     if named != TINY_CORPUS_TRAIN:
-        return read_corpus(recipe.resolve(named))
+        texts = read_corpus(recipe.resolve(named))
+        return TinyTexts(texts, texts)
     from runner.data.formatting import prepare
 
     train = prepare(recipe).train
-    texts = list(dict.fromkeys(t for t in [*train["prompt"], *train["response"]] if t.strip()))
-    if not texts:
+    responses = list(dict.fromkeys(t for t in train["response"] if t.strip()))
+    if not responses:
         raise RecipeError(
             f"{recipe.origin('model.tiny.corpus')}: $.model.tiny.corpus: "
-            f'"{TINY_CORPUS_TRAIN}": the training split has no text to build the tiny model on; '
-            "add rows, or point corpus at a JSON-lines file with a `text` field"
+            f'"{TINY_CORPUS_TRAIN}": the training split has no response text to build the tiny '
+            "model on; add rows, or point corpus at a JSON-lines file with a `text` field"
         )
-    return texts
+    prompts = [t for t in dict.fromkeys(train["prompt"]) if t.strip()]
+    return TinyTexts(tokenizer=[*prompts, *responses], pretrain=responses)
 
 
 def _folder_files(
@@ -278,7 +290,7 @@ def tiny_tokenizer_folder(recipe: Recipe) -> Path:
 
 
 def _tiny_tokenizer(
-    recipe: Recipe, log: Callable[[str], None], texts: list[str] | None = None
+    recipe: Recipe, log: Callable[[str], None], texts: TinyTexts | None = None
 ) -> Path:
     out = tiny_tokenizer_folder(recipe)
     if (out / "tokenizer.json").is_file():
@@ -288,7 +300,7 @@ def _tiny_tokenizer(
     log(f"building the embedded tiny model's tokenizer into {out} (once; cached)")
     facts = build_tiny_tokenizer(
         out,
-        texts=tiny_texts(recipe) if texts is None else texts,
+        texts=(tiny_texts(recipe) if texts is None else texts).tokenizer,
         vocab_size=recipe.get("model.tiny.vocab_size"),
     )
     log(f"tiny tokenizer built: {facts}")
@@ -332,7 +344,7 @@ def _build_tiny(recipe: Recipe, ident: dict[str, Any], log: Callable[[str], None
     facts = build_tiny_model(
         out,
         tokenizer_dir=tokenizer,
-        texts=texts,
+        texts=texts.pretrain,
         seed=tiny["seed"],
         vocab_size=tiny["vocab_size"],
         hidden_size=tiny["hidden_size"],
