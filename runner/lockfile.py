@@ -25,8 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from runner.data.sources import dataset_identity
-from runner.data.templates import template_identity
+from runner.data.sources import data_identity, dataset_identity
 from runner.errors import RecipeError
 from runner.models.resolve import model_identity
 from runner.recipe import Recipe, flatten
@@ -132,7 +131,7 @@ def current_lock(recipe: Recipe, resolve_hub: bool) -> dict[str, Any]:
         "recipe": recipe.path.name,
         "model": model,
         "dataset": dataset,
-        "templates": template_identity(recipe),
+        "templates": data_identity(recipe)["templates"],  # a mix: every source's
         "libraries": library_versions(),
     }
 

@@ -24,6 +24,7 @@ from runner.data.templates import template_identity
 from runner.data.tokenization import encode_batch, encode_conversations, encode_rows
 from runner.errors import RecipeError
 from runner.lockfile import check_lock, current_lock, write_lock
+from runner.models.resolve import training_texts_identity
 from runner.plan import STAGES, compute_plan, format_inputs, stage_params
 from runner.portable import portable_recipe
 from runner.recipe import load_recipe
@@ -415,6 +416,9 @@ def test_an_export_copies_every_sources_files(tmp_path: Path) -> None:
     written = portable.data["dataset"]["sources"]
     assert [s["path"] for s in written] == ["./inputs/data/alpaca.jsonl", "./inputs/data/qa.jsonl"]
     assert written[1]["prompt_file"] == "./inputs/qa_prompt.j2"
+    # a source's own template file is in the lock, the mix's data in the tiny model's key
+    assert list(current_lock(recipe, resolve_hub=False)["templates"]) == ["qa_prompt.j2"]
+    assert list(training_texts_identity(recipe)["dataset"]) == ["sources[0]", "sources[1]"]
     assert sorted(portable.copies.values()) == [
         "inputs/data/alpaca.jsonl",
         "inputs/data/qa.jsonl",

@@ -154,6 +154,7 @@ def path_errors(
     """Every path key of the recipe (as written, parents rebased onto `base_dir`) checked
     against the confinement; the run directory checked unless the command line chose it."""
     from runner.recipe.layers import is_local_path
+    from runner.recipe.model import TINY_CORPUS_TRAIN
 
     errors: list[tuple[tuple[str | int, ...], str]] = []
     for key, value in read_paths(written):
@@ -162,6 +163,8 @@ def path_errors(
             kind, value, base_dir
         ):
             continue  # a hub id
+        if key == ("model", "tiny", "corpus") and value == TINY_CORPUS_TRAIN:
+            continue  # "train": the recipe's own training texts, read through dataset.path
         globbed = kind == ("dataset", "path") and any(c in value for c in "*?[")
         target = Path(_glob_base(value) if globbed else value).expanduser()
         problem = confinement.read_problem(value, base_dir / target)
