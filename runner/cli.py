@@ -226,12 +226,18 @@ def plan(
     """Show each stage as done, stale (why) or pending, without running anything."""
     from runner.models.resolve import remote_code_note
     from runner.plan import compute_plan
+    from runner.report.data_metrics import mix_plan_lines
 
     recipe = _load_run(recipe_file, with_gpus(overrides, gpus), allow, unsets, click.echo)
     click.echo(f"recipe {recipe.name}: run dir {recipe.run_dir}")
     for st in compute_plan(recipe):
         why = f" ({'; '.join(st.reasons)})" if st.reasons else ""
         click.echo(f"  {st.name:<14} {st.status:<8} {st.fingerprint}{why}")
+        sources = recipe.section("dataset").get("sources")
+        if st.name == "format" and sources:  # a mix: what each source gives (or asks for)
+            metrics = (st.state or {}).get("metrics") if st.status == "done" else None
+            for line in mix_plan_lines(sources, metrics):
+                click.echo(f"      {line}")
     note = remote_code_note(recipe)
     if note:
         click.echo(note)

@@ -28,7 +28,7 @@ from runner.models.resolve import training_texts_identity
 from runner.plan import STAGES, compute_plan, format_inputs, stage_params
 from runner.portable import portable_recipe
 from runner.recipe import load_recipe
-from runner.report.data_metrics import format_lines
+from runner.report.data_metrics import format_lines, mix_plan_lines
 from runner.report.table import markdown
 
 ALPACA = [{"instruction": f"do {i}", "input": "", "output": f"done {i}"} for i in range(40)]
@@ -442,6 +442,30 @@ def test_set_reaches_a_source_by_its_index(tmp_path: Path) -> None:
         "--unset dataset.sources[0].weight: a key inside one of dataset.sources's tables cannot "
         "be unset; --set it (--set dataset.sources[0].weight=...) or unset all of dataset.sources"
     )
+
+
+def test_plan_shows_what_each_source_asks_for_then_what_it_gave(tmp_path: Path) -> None:
+    sources = [THREE[0], {**THREE[1], "weight": 1.5}, THREE[2]]
+    result = CliRunner().invoke(cli, ["plan", str(mix_recipe(tmp_path, sources))])
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[2:5] == [
+        "      source 0 data/alpaca.jsonl: weight 2 (44.4% of the mix)",
+        "      source 1 data/chat.jsonl: weight 1.5 (33.3% of the mix)",
+        "      source 2 data/qa.jsonl: weight 1 (22.2% of the mix)",
+    ]
+    ran = {
+        "train_rows": 10,
+        "sources": [
+            {"source": "a", "train_rows": 10, "available": 20, "heldout_rows": 2, "repeated": 0}
+        ],
+    }
+    assert mix_plan_lines([{"path": "a", "rows": 10}], ran) == [
+        "source 0 a: 10 train (100.0%) of 20, 2 held out"
+    ]
+    assert mix_plan_lines([{"path": "a", "rows": 10}, {"path": "b"}], None) == [
+        "source 0 a: 10 rows",
+        "source 1 b: all its rows",
+    ]
 
 
 def test_compare_table_names_each_rows_source() -> None:

@@ -24,6 +24,24 @@ def format_lines(metrics: dict[str, Any]) -> list[str]:
     return lines + [f"warning: {w}" for w in format_warnings(metrics)]
 
 
+def mix_plan_lines(sources: list[dict[str, Any]], metrics: dict[str, Any] | None) -> list[str]:
+    """`recipe plan` for a [[dataset.sources]] mix: what the last format run drew from each
+    source when it is current (`metrics`), else what each source asks for."""
+    if metrics and len(metrics.get("sources") or []) == len(sources):
+        return source_lines(metrics)
+    total = sum(float(s.get("weight", 0)) for s in sources)
+    out = []
+    for i, s in enumerate(sources):
+        if "weight" in s:
+            ask = f"weight {s['weight']:g} ({100 * float(s['weight']) / total:.1f}% of the mix)"
+        elif "rows" in s:
+            ask = f"{s['rows']:,} rows"
+        else:
+            ask = "all its rows"
+        out.append(f"source {i} {s['path']}: {ask}")
+    return out
+
+
 def source_lines(metrics: dict[str, Any]) -> list[str]:
     """A mix ([[dataset.sources]]): the rows each source gave."""
     out = []
