@@ -468,6 +468,31 @@ def test_plan_shows_what_each_source_asks_for_then_what_it_gave(tmp_path: Path) 
     ]
 
 
+def test_compare_prompts_of_a_mix(tmp_path: Path) -> None:
+    from runner.context import Context
+    from runner.stages import compare
+    from runner.stages import format as format_stage
+
+    path = mix_recipe(tmp_path, THREE)
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text + '\n[compare]\nnum_examples = 6\nprompts = [{q = "extra"}]\n')
+    ctx = Context(load_recipe(path), tmp_path / "run", lambda line: None)
+    format_stage.run(ctx)
+    rows = compare.prompts(ctx)
+    labels = {"data/alpaca.jsonl", "data/chat.jsonl", "data/qa.jsonl"}
+    assert {r["source"] for r in rows[:6]} == labels
+    for r in rows[:6]:  # conversations as their turns, a template source's row as its text
+        assert ("messages" in r) == (r["source"] != "data/qa.jsonl")
+        if r["source"] == "data/qa.jsonl":
+            assert r["prompt"].startswith("Q: question ")
+    assert rows[6] == {
+        "index": 6,
+        "prompt": "extra",
+        "reference": None,
+        "messages": [{"role": "user", "content": "extra"}],
+    }
+
+
 def test_compare_table_names_each_rows_source() -> None:
     rows = [
         {

@@ -65,10 +65,12 @@ def prompts(ctx: Context) -> list[dict[str, Any]]:
         for r, text in zip(rows, heldout[MESSAGES][: len(rows)], strict=True):
             if text:  # empty: a template source's row in a mix (its prompt is text)
                 r["messages"] = loads(text)[:-1]
-    if MESSAGES in heldout.column_names and "prompt" not in templates:
+    if "prompt" not in templates:  # conversations, or a mix whose sources have their own
+        talks = MESSAGES in heldout.column_names and any(heldout[MESSAGES])
         for extra in cfg["prompts"]:  # the user's turn, as written (the encoder adds the rest)
             text = "\n".join(map(str, extra.values()))
-            turn = [{"role": "user", "content": text}] if SOURCE in heldout.column_names else None
+            mixed = SOURCE in heldout.column_names and talks
+            turn = [{"role": "user", "content": text}] if mixed else None
             rows.append({"prompt": text, "reference": None, **({"messages": turn} if turn else {})})
     else:
         renderer = Renderer(templates)
