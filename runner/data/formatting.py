@@ -409,6 +409,8 @@ def prepare_mix(recipe: Recipe, limit: int | None = None) -> Formatted:
             entry["train_rows"] = 0
         for index in kept:
             per_source[index]["train_rows"] += 1
+        for entry in per_source:
+            entry["repeated"] = max(0, entry["train_rows"] - entry["available"])
     if len(train) == 0:
         raise RecipeError(
             f"{recipe.origin('dataset.sources')}: $.dataset.sources: the mix has no training "

@@ -87,6 +87,10 @@ def _set(data: dict[str, Any], path: tuple[str | int, ...], value: Any) -> None:
             name = json_path(path[:i]).removeprefix("$.")
             if not isinstance(node, list):
                 raise RecipeError(f"--set {shown}: {name} is not an array of tables")
+            if not node:
+                raise RecipeError(
+                    f"--set {shown}: {name} has no tables; add them in the recipe file"
+                )
             if part >= len(node):
                 raise RecipeError(
                     f"--set {shown}: {name} has {len(node)} tables, [0] to [{len(node) - 1}]; "
@@ -519,6 +523,8 @@ def _with_unset_hint(problem: Problem, from_set: dict[tuple[str, ...], str]) -> 
     if problem.path is None:
         return problem
     key = problem.path.removeprefix("$.")
+    if "[" in key:  # inside an array of tables: --unset cannot reach one table's key
+        return problem
     message = problem.message
     if "remove it" in message and not problem.set_item:
         message = message.replace("remove it", f"remove it (--unset {key})", 1)
