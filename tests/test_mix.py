@@ -221,6 +221,21 @@ def test_a_sources_data_errors_name_its_key(tmp_path: Path) -> None:
     )
 
 
+def test_an_inherited_key_and_a_sources_template_are_named_in_errors(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as e:
+        prepare(load_recipe(mix_recipe(tmp_path, [THREE[0], THREE[2]], {"heldout_rows": 25})))
+    assert str(e.value) == (
+        f"{tmp_path / 'recipe.toml'}: $.dataset.heldout_rows (as dataset.sources[1] inherits "
+        "it): 25 rows held out but the split 'train' has only 20; lower heldout_rows"
+    )
+    with pytest.raises(RecipeError) as e:
+        prepare(load_recipe(mix_recipe(tmp_path, [THREE[0], {**THREE[2], "prompt": "{{ x }}"}])))
+    assert str(e.value).startswith("dataset.sources[1].prompt: train row ")
+    assert str(e.value).endswith(
+        ": 'x' is undefined; the row has columns: a, q (rename with [dataset.columns])"
+    )
+
+
 # -- recipe errors ----------------------------------------------------------------------------
 
 

@@ -110,9 +110,14 @@ def rekey(message: str, source: Source) -> str:
         table, key = m.group(1), m.group(2)
         if key in source.written or (table == "dataset" and key == "path"):
             return f"$.{source.key}.{key}"
-        return m.group(0)
+        return f"{m.group(0)} (as {source.key} inherits it)"
 
-    return re.sub(r"\$\.(dataset|template)\.([a-z_]+)", sub, message)
+    message = re.sub(r"\$\.(dataset|template)\.([a-z_]+)", sub, message, count=1)
+
+    def own(m: re.Match[str]) -> str:  # a template the source wrote, as the renderer names it
+        return f"{source.key}.{m.group(1)}" if m.group(1) in source.written else m.group(0)
+
+    return re.sub(r"(?<![\w$.])template\.(prompt|response)\b", own, message)
 
 
 @contextlib.contextmanager
@@ -122,8 +127,10 @@ def rekeyed(source: Source) -> Iterator[None]:
         yield
     except RecipeError as e:
         lines = [rekey(line, source) for line in e.lines]
-        lines = [
-            line if f"$.{source.key}" in line else f"{source.key} ({source.label}): {line}"
+        lines = [  # a line naming no key and not the source's data: say which source
+            line
+            if source.key in line or source.label in line
+            else f"{source.key} ({source.label}): {line}"
             for line in lines
         ]
         raise RecipeError(lines) from None
