@@ -9,9 +9,10 @@ default:
 demo:
     recipe run recipes/adgen-tiny.toml
 
-# the whole test suite (unit, CLI, end-to-end on the tiny model)
+# the whole test suite (unit, CLI, end-to-end on the tiny model), one worker per core (at most
+# 4), each test file on one worker so that a file's module fixtures (a trained run) are made once
 test *args:
-    pytest -q {{args}}
+    pytest -q -n auto --maxprocesses 4 --dist loadfile {{args}}
 
 # the fast tests only (no training)
 test-fast:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,28 @@ def cache_root() -> Path:
     """Where the runner keeps what it builds once for any run (models, tokenizers, datasets):
     RECIPE_CACHE, else ~/.cache/recipe."""
     return Path(os.environ.get("RECIPE_CACHE", "~/.cache/recipe")).expanduser()
+
+
+@contextlib.contextmanager
+def cache_build_lock(out: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """One builder of a cache folder at a time. Two runs that need the same model on a fresh
+    cache (two terminals, parallel test workers) would otherwise both build it, minutes each;
+    the second waits here, then finds the folder built. An flock: the kernel releases it when
+    the builder dies, and the waiter then builds the folder itself."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log(f"waiting for another process that is building {out}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def canonical(obj: Any) -> str:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from datakit import session_cache
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n: the workers share the cores; a torch thread pool per core in every worker
+    # would oversubscribe them (read by torch at import, so before any test imports it)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SMALL_RECIPE = """\
 [recipe]
@@ -50,3 +56,28 @@ def small_recipe(tmp_path: Path) -> Path:
 def recipe_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The session's model cache (datakit.session_cache): each tiny model is built once."""
     return session_cache(tmp_path_factory)
+
+
+# the longest files, longest first (`pytest --durations`): started first, so they run side by side
+LONGEST = (
+    "test_launch_e2e.py",
+    "test_faults.py",
+    "test_e2e.py",
+    "test_compile.py",
+    "test_use_e2e.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`pytest -n` hands each file to one worker in collection order: the long end-to-end files
+    go first so that they start at once and the short ones fill the gaps, instead of one long
+    file starting last and running alone. Then the other files with slow tests."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        if name in LONGEST:
+            return LONGEST.index(name)
+        return len(LONGEST) if item.path in slow_files else len(LONGEST) + 1
+
+    items.sort(key=rank)  # stable: the order within a file is kept

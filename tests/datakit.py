@@ -209,7 +209,10 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     chosen = os.environ.get("RECIPE_TEST_CACHE") or os.environ.get("RECIPE_CACHE")
     if chosen:
         return chosen
-    cache = tmp_path_factory.getbasetemp() / "recipe-cache"
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: one cache for all the workers
+        base = base.parent  # (the runner locks a build, so a model is built once)
+    cache = base / "recipe-cache"
     cache.mkdir(exist_ok=True)
     return str(cache)
 

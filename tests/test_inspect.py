@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,11 @@ def test_colours_on_a_terminal(
     assert "[masked]" not in out
     trained = re.search(r"\x1b\[([0-9;]+)manswer 0</s>", out)
     masked = re.search(r"\x1b\[([0-9;]+)m<s>Q: question 0", out)
-    assert trained and masked and trained.group(1) != masked.group(1)
+    from rich.console import Console
+
+    probe = Console()
+    why = (probe.is_terminal, probe.color_system, probe.is_jupyter, type(sys.stdin), out)
+    assert trained and masked and trained.group(1) != masked.group(1), why
 
 
 def test_inspect_the_shipped_demo_recipe(tmp_path: Path) -> None:

@@ -132,3 +132,26 @@ def test_lock_takes_over_a_stale_one(tmp_path: Path) -> None:
     with run_lock(tmp_path):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
     assert not (tmp_path / ".lock").exists()
+
+
+def test_a_second_builder_of_a_cache_folder_waits_for_the_first(tmp_path: Path) -> None:
+    import threading
+
+    from runner.state import cache_build_lock
+
+    out = tmp_path / "models" / "tiny"
+    said: list[str] = []
+    order: list[str] = []
+
+    def second() -> None:
+        with cache_build_lock(out, said.append):
+            order.append("second")
+
+    with cache_build_lock(out, said.append):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(0.5)  # without the lock it would be done by now
+        order.append("first")
+    waiter.join(10)
+    assert order == ["first", "second"]
+    assert said == [f"waiting for another process that is building {out}"]

@@ -20,7 +20,7 @@ from runner.data.sources import data_identity
 from runner.errors import RecipeError
 from runner.recipe import BUILTIN_TINY, TINY_CORPUS_TRAIN, Recipe, flatten
 from runner.recipe.confine import check_code_unchanged
-from runner.state import cache_root, fingerprint, sha256_file
+from runner.state import cache_build_lock, cache_root, fingerprint, sha256_file
 
 TINY_BUILDER_VERSION = 1
 CONVERTER_VERSION = 2  # 2: the source's config kept in recipe_source.json
@@ -293,6 +293,15 @@ def _tiny_tokenizer(
     out = tiny_tokenizer_folder(recipe)
     if (out / "tokenizer.json").is_file():
         return out
+    with cache_build_lock(out, log):
+        if (out / "tokenizer.json").is_file():
+            return out
+        return _tiny_tokenizer_locked(recipe, out, log, texts)
+
+
+def _tiny_tokenizer_locked(
+    recipe: Recipe, out: Path, log: Callable[[str], None], texts: TinyTexts | None
+) -> Path:
     from runner.models.tiny import build_tiny_tokenizer
 
     log(f"building the embedded tiny model's tokenizer into {out} (once; cached)")
@@ -333,6 +342,13 @@ def _build_tiny(recipe: Recipe, ident: dict[str, Any], log: Callable[[str], None
     out = builtin_folder(ident)
     if (out / "config.json").is_file():
         return out
+    with cache_build_lock(out, log):
+        if (out / "config.json").is_file():  # built by the process this one waited for
+            return out
+        return _build_tiny_locked(recipe, out, log)
+
+
+def _build_tiny_locked(recipe: Recipe, out: Path, log: Callable[[str], None]) -> Path:
     from runner.models.tiny import build_tiny_model
 
     texts = tiny_texts(recipe)
