@@ -18,6 +18,12 @@ from runner import faults
 from runner.errors import RecipeError
 
 
+def cache_root() -> Path:
+    """Where the runner keeps what it builds once for any run (models, tokenizers, datasets):
+    RECIPE_CACHE, else ~/.cache/recipe."""
+    return Path(os.environ.get("RECIPE_CACHE", "~/.cache/recipe")).expanduser()
+
+
 def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
 

@@ -156,6 +156,41 @@ def test_materialize_converts_once_and_caches(
     assert resolve.chatglm_source_config(chatglm) is None
 
 
+def test_tokenizer_alone_is_converted_without_the_weights(
+    tmp_path: Path, chatglm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preparing data for a ChatGLM checkpoint converts its tokenizer only (the weights need not
+    be there), into the same files the whole conversion writes."""
+    import shutil
+
+    from runner.models import resolve
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RECIPE_CACHE", str(cache))
+    light = tmp_path / "light"  # the checkpoint without its weights
+    shutil.copytree(chatglm, light, ignore=shutil.ignore_patterns("*.safetensors"))
+    said: list[str] = []
+    alone = resolve.tokenizer_folder(
+        load_recipe(write_recipe(tmp_path, light, CHATGLM_NAMES)), said.append
+    )
+    assert alone.parent == cache / "converted" and said[0].startswith("converting the ChatGLM")
+    assert not list(cache.rglob("*.safetensors"))
+    done = CliRunner(env={"RECIPE_CACHE": str(cache)}).invoke(
+        cli, ["run", str(tmp_path / "recipe.toml"), "--until", "tokenize"]
+    )
+    assert done.exit_code == 0, done.output
+    assert "converting ChatGLM checkpoint" not in done.output
+    assert not list(cache.rglob("*.safetensors"))
+
+    whole = resolve.materialize(load_recipe(write_recipe(tmp_path, chatglm, CHATGLM_NAMES)), print)
+    names = sorted(p.name for p in alone.iterdir())
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= set(names)
+    for name in names:
+        assert (whole / name).read_bytes() == (alone / name).read_bytes(), name
+    recipe = load_recipe(write_recipe(tmp_path, chatglm, CHATGLM_NAMES))
+    assert resolve.tokenizer_folder(recipe, print) == whole  # converted already: used as it is
+
+
 @pytest.mark.slow
 def test_chatglm_checkpoint_trains_and_exports_to_chatglm_names(
     tmp_path: Path, chatglm: Path

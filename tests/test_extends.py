@@ -225,7 +225,8 @@ def test_missing_parent_file_at_run_time_names_the_parent(tmp_path: Path, shared
     assert e.value.lines == [
         f"{shared.resolve()}: $.model.tiny.corpus: "
         f"{(shared.parent / 'corpus.jsonl').resolve()} not found; "
-        "point it at a JSON-lines file with a `text` field"
+        "point it at a JSON-lines file with a `text` field "
+        '(or corpus = "train": the recipe\'s own training texts)'
     ]
 
 

@@ -1,8 +1,8 @@
 """`recipe inspect`: what the model will be trained on, before anything runs.
 
 Runs the format and tokenize logic in memory on the first rows of the training split (the rows
-training sees first, after shuffling) and writes nothing into the run directory; the model's
-tokenizer is materialized like the stages do (the embedded tiny model is built once if needed).
+training sees first, after shuffling) and writes nothing into the run directory; it needs the
+model's tokenizer alone, fetched or built as the tokenize stage does (no weights, no pre-training).
 Shows rendered examples, a label view where trained and masked tokens look different (colours
 on a terminal; `[masked]...[/masked]` in plain text), and the lint warnings of
 `runner.data.lint` over a sample of rows, plus a check of the collator that training will use.
@@ -86,7 +86,7 @@ def inspect_recipe(
         tokenizer_facts,
     )
     from runner.models.load import load_tokenizer
-    from runner.models.resolve import materialize
+    from runner.models.resolve import tokenizer_folder
     from runner.quiet import quiet_libraries
 
     quiet_libraries()
@@ -94,7 +94,7 @@ def inspect_recipe(
     cfg = recipe.section("tokenize")
     fmt = recipe.get("template.format")
     formatted = prepare(recipe, limit=max(n, lint_rows))
-    folder = materialize(recipe, echo)
+    folder = tokenizer_folder(recipe, echo)
     tok = load_tokenizer(folder)
     encoder = Encoder(tok, fmt, f"{recipe.path}: $.template.format", template_literals(recipe))
     train, heldout = formatted.train, formatted.heldout

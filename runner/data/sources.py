@@ -146,7 +146,7 @@ def load_split(recipe: Recipe, spec: str) -> Any:
             builder = BUILDERS[files[0].suffix]
             # CSV cells are text as written: "007" stays 007, "NA" stays NA, empty stays empty
             as_text = _csv_as_text(files[0]) if builder == "csv" else {}
-            from runner.models.resolve import cache_root
+            from runner.state import cache_root
 
             loaded = datasets.load_dataset(
                 builder,

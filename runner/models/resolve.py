@@ -2,6 +2,9 @@
 
 `model_identity` and `tokenizer_identity` are cheap (no torch): they feed the fingerprints.
 `materialize` does the work (build the tiny model, download, convert ChatGLM) and caches it.
+`tokenizer_folder` does only what preparing data needs (the tokenizer files: no weights, no
+pre-training, no weight conversion), so format, tokenize and `recipe inspect` run on a laptop
+for any model; quantize-load is the first stage that needs the weights.
 """
 
 from __future__ import annotations
@@ -9,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner.data.sources import dataset_identity
+from runner.data.templates import template_identity
 from runner.errors import RecipeError
-from runner.recipe import BUILTIN_TINY, Recipe
+from runner.recipe import BUILTIN_TINY, TINY_CORPUS_TRAIN, Recipe, flatten
 from runner.recipe.confine import check_code_unchanged
-from runner.state import fingerprint, sha256_file
+from runner.state import cache_root, fingerprint, sha256_file
 
 TINY_BUILDER_VERSION = 1
 CONVERTER_VERSION = 2  # 2: the source's config kept in recipe_source.json
@@ -28,24 +34,93 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
+# What a tokenizer-only hub download fetches (huggingface_hub allow_patterns): every file a
+# tokenizer of TOKENIZER_FILES / TOKENIZER_VOCAB may be made of, a SentencePiece model under any
+# name, the chat template, and config.json (a ChatGLM checkpoint is told by it).
+TOKENIZER_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+    "config.json",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 SOURCE_FILE = "recipe_source.json"  # in a converted folder: what it was converted from
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("RECIPE_CACHE", "~/.cache/recipe")).expanduser()
+# The keys that decide the formatted training texts: what the format stage reads (runner/plan.py)
+# but the template's format, which turns texts into tokens.
+TEXT_KEYS = ("recipe.seed", "dataset", "template")
+
+
+def training_texts_identity(recipe: Recipe) -> dict[str, Any]:
+    """What decides the recipe's formatted training texts, cheaply (no formatting): the format
+    stage's settings and the content hashes of its data and template files. It keys the tiny
+    model built on them (corpus = "train"), so other data builds another model."""
+    params = {
+        k: v
+        for k, v in flatten(recipe.data).items()
+        if any(k == r or k.startswith(r + ".") for r in TEXT_KEYS) and k != "template.format"
+    }
+    return {
+        "params": params,
+        "dataset": dataset_identity(recipe),
+        "templates": template_identity(recipe),
+    }
 
 
 def _tiny_settings(recipe: Recipe) -> dict[str, Any]:
     tiny = dict(recipe.get("model.tiny"))
-    corpus = recipe.resolve(tiny.pop("corpus"))
+    named = tiny.pop("corpus")
+    if named == TINY_CORPUS_TRAIN:
+        tiny["corpus_source"] = training_texts_identity(recipe)
+        return tiny
+    corpus = recipe.resolve(named)
     if not corpus.is_file():
         raise RecipeError(
             f"{recipe.origin('model.tiny.corpus')}: $.model.tiny.corpus: {corpus} not found; "
-            "point it at a JSON-lines file with a `text` field"
+            "point it at a JSON-lines file with a `text` field (or "
+            f'corpus = "{TINY_CORPUS_TRAIN}": the recipe\'s own training texts)'
         )
     tiny["corpus_sha256"] = sha256_file(corpus)
     return tiny
+
+
+@dataclass(frozen=True)
+class TinyTexts:
+    """What the tiny model learns from: its tokenizer's texts and its pre-training's."""
+
+    tokenizer: list[str]
+    pretrain: list[str]
+
+
+def tiny_texts(recipe: Recipe) -> TinyTexts:
+    """The corpus file's texts for both, or with corpus = "train" the recipe's formatted training
+    rows (never the held-out ones): the tokenizer learns every prompt and response, the
+    pre-training the responses alone, as adgen-tiny's corpus is ad copy without prompts. So the
+    base speaks the data's language but has not seen the prompt -> response mapping, which
+    fine-tuning teaches (and the before/after table shows)."""
+    from runner.models.tiny import read_corpus
+
+    named = recipe.get("model.tiny.corpus")
+    if named != TINY_CORPUS_TRAIN:
+        texts = read_corpus(recipe.resolve(named))
+        return TinyTexts(texts, texts)
+    from runner.data.formatting import prepare
+
+    train = prepare(recipe).train
+    responses = list(dict.fromkeys(t for t in train["response"] if t.strip()))
+    if not responses:
+        raise RecipeError(
+            f"{recipe.origin('model.tiny.corpus')}: $.model.tiny.corpus: "
+            f'"{TINY_CORPUS_TRAIN}": the training split has no response text to build the tiny '
+            "model on; add rows, or point corpus at a JSON-lines file with a `text` field"
+        )
+    prompts = [t for t in dict.fromkeys(train["prompt"]) if t.strip()]
+    return TinyTexts(tokenizer=[*prompts, *responses], pretrain=responses)
 
 
 def _folder_files(
@@ -101,7 +176,8 @@ def weights_identity(recipe: Recipe) -> dict[str, Any]:
 def tokenizer_identity(recipe: Recipe) -> dict[str, Any]:
     ident = model_identity(recipe)
     if ident["kind"] == "builtin":  # the tokenizer depends on these alone
-        return {k: ident[k] for k in ("kind", "builder", "vocab_size", "corpus_sha256", "seed")}
+        keys = ("kind", "builder", "vocab_size", "corpus_sha256", "corpus_source", "seed")
+        return {k: ident[k] for k in keys if k in ident}
     if ident["kind"] == "local":
         folder = recipe.resolve(recipe.get("model.name_or_path"))
         return {"kind": "local", "files": _folder_files(folder, TOKENIZER_FILES)}
@@ -182,6 +258,74 @@ def materialize(recipe: Recipe, log: Callable[[str], None]) -> Path:
     return folder
 
 
+def tokenizer_folder(recipe: Recipe, log: Callable[[str], None]) -> Path:
+    """A local folder with the tokenizer of the recipe's model, the same files `materialize`'s
+    folder has, fetched or built alone: the tiny model's tokenizer without the model, a hub
+    model's tokenizer files without its weights, a ChatGLM checkpoint's tokenizer converted
+    without its weights. A folder `materialize` already made is used as it is."""
+    ident = model_identity(recipe)
+    if ident["kind"] == "builtin":
+        built = builtin_folder(ident)
+        if (built / "config.json").is_file():
+            return built
+        return _tiny_tokenizer(recipe, log)
+    if ident["kind"] == "local":
+        folder = recipe.resolve(recipe.get("model.name_or_path"))
+    else:
+        folder = _download(recipe, ident, TOKENIZER_PATTERNS)
+    check_model_folder(recipe, folder)
+    if recipe.get("model.random_init"):  # materialize copies the folder's tokenizer files
+        return folder
+    if is_chatglm_folder(folder):
+        converted = converted_folder(ident)
+        if (converted / "config.json").is_file():
+            return converted
+        return _convert_chatglm_tokenizer(folder, log)
+    return folder
+
+
+def tiny_tokenizer_folder(recipe: Recipe) -> Path:
+    """Where the tiny model's tokenizer alone is cached: keyed by what determines it."""
+    return cache_root() / "tokenizers" / f"tiny-glm-{fingerprint(tokenizer_identity(recipe))}"
+
+
+def _tiny_tokenizer(
+    recipe: Recipe, log: Callable[[str], None], texts: TinyTexts | None = None
+) -> Path:
+    out = tiny_tokenizer_folder(recipe)
+    if (out / "tokenizer.json").is_file():
+        return out
+    from runner.models.tiny import build_tiny_tokenizer
+
+    log(f"building the embedded tiny model's tokenizer into {out} (once; cached)")
+    facts = build_tiny_tokenizer(
+        out,
+        texts=(tiny_texts(recipe) if texts is None else texts).tokenizer,
+        vocab_size=recipe.get("model.tiny.vocab_size"),
+    )
+    log(f"tiny tokenizer built: {facts}")
+    return out
+
+
+def _convert_chatglm_tokenizer(folder: Path, log: Callable[[str], None]) -> Path:
+    """ChatGLM3's tokenizer as the conversion writes it, keyed by the files it is made of."""
+    src = {"kind": "tokenizer", "files": _folder_files(folder, (*TOKENIZER_FILES, "config.json"))}
+    key = fingerprint({"src": src, "v": CONVERTER_VERSION})
+    out = cache_root() / "converted" / f"glm-tokenizer-{key}"
+    if (out / "tokenizer.json").is_file():
+        return out
+    from runner.models.chatglm.checkpoint import convert_tokenizer
+
+    log(f"converting the ChatGLM tokenizer of {folder} into {out} (once; cached)")
+    try:
+        convert_tokenizer(folder, out, overwrite=True)
+    except (OSError, ValueError) as e:
+        raise RecipeError(
+            f"{folder}: cannot convert this ChatGLM tokenizer: {type(e).__name__}: {e}"
+        ) from None
+    return out
+
+
 def builtin_folder(ident: dict[str, Any]) -> Path:
     """Where the embedded tiny model of these settings is (or will be) cached."""
     return cache_root() / "models" / f"tiny-glm-{fingerprint(ident)}"
@@ -193,11 +337,14 @@ def _build_tiny(recipe: Recipe, ident: dict[str, Any], log: Callable[[str], None
         return out
     from runner.models.tiny import build_tiny_model
 
+    texts = tiny_texts(recipe)
+    tokenizer = _tiny_tokenizer(recipe, log, texts)  # the tokenizer tokenize used: same ids
     tiny = dict(recipe.get("model.tiny"))
     log(f"building the embedded tiny model into {out} (once; cached)")
     facts = build_tiny_model(
         out,
-        corpus=recipe.resolve(tiny["corpus"]),
+        tokenizer_dir=tokenizer,
+        texts=texts.pretrain,
         seed=tiny["seed"],
         vocab_size=tiny["vocab_size"],
         hidden_size=tiny["hidden_size"],
@@ -213,11 +360,20 @@ def _build_tiny(recipe: Recipe, ident: dict[str, Any], log: Callable[[str], None
     return out
 
 
-def _download(recipe: Recipe, ident: dict[str, Any]) -> Path:
+def _download(
+    recipe: Recipe, ident: dict[str, Any], patterns: tuple[str, ...] | None = None
+) -> Path:
+    """The hub snapshot at the pinned revision: every file, or those matching `patterns`."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(ident["id"], revision=ident["revision"]))
+        return Path(
+            snapshot_download(
+                ident["id"],
+                revision=ident["revision"],
+                allow_patterns=list(patterns) if patterns else None,
+            )
+        )
     except Exception as e:  # network, auth, missing repo: one line for the user
         raise RecipeError(
             f"{recipe.path}: $.model.name_or_path: cannot fetch {ident['id']!r} "

@@ -230,10 +230,48 @@ def _save_atomically(out_dir: Path, save: Callable[[Path], None]) -> None:
     replace_dir(tmp, out_dir)
 
 
+def corpus_texts(corpus: Path | None, texts: Sequence[str] | None) -> list[str]:
+    """The texts a build trains on: given, or read from the ``corpus`` file."""
+    if texts is not None:
+        return list(texts)
+    if corpus is None:
+        raise ValueError("a tiny model build needs a corpus file or texts")
+    return read_corpus(corpus)
+
+
+def build_tiny_tokenizer(
+    out_dir: Path,
+    *,
+    corpus: Path | None = None,
+    texts: Sequence[str] | None = None,
+    vocab_size: int = 2000,
+    max_position_embeddings: int = 1024,
+    tokenizer_extra: Sequence[str] = TOKENIZER_EXTRA,
+) -> dict[str, Any]:
+    """Train the tiny model's tokenizer alone on ``corpus`` (or ``texts``) and save it to
+    ``out_dir``: all that format, tokenize and `recipe inspect` need.
+    ``build_tiny_model(tokenizer_dir=out_dir)`` then builds the model around these very files,
+    so ids never differ between the two."""
+    started = time.perf_counter()
+    texts = corpus_texts(corpus, texts)
+    tokenizer = train_tokenizer([*texts, *tokenizer_extra], vocab_size, max_position_embeddings)
+
+    def save(path: Path) -> None:
+        tokenizer.save_pretrained(path)
+
+    _save_atomically(Path(out_dir), save)
+    return {
+        "vocab_size": len(tokenizer),
+        "texts": len(texts),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
 def build_tiny_model(
     out_dir: Path,
     *,
-    corpus: Path,
+    corpus: Path | None = None,
+    texts: Sequence[str] | None = None,
     seed: int = 0,
     vocab_size: int = 2000,
     hidden_size: int = 256,
@@ -248,10 +286,13 @@ def build_tiny_model(
     learning_rate: float = 3e-3,
     tokenizer_extra: Sequence[str] = TOKENIZER_EXTRA,
     num_threads: int | None = None,
+    tokenizer_dir: Path | None = None,
     log: Log | None = None,
 ) -> dict[str, Any]:
-    """Train tokenizer + pre-train a tiny GLM on ``corpus``; save to ``out_dir``.
+    """Train tokenizer + pre-train a tiny GLM on ``corpus`` (or ``texts``); save to ``out_dir``.
 
+    With ``tokenizer_dir`` (a ``build_tiny_tokenizer`` folder of the same corpus and vocabulary
+    size) the model uses that tokenizer and its files are copied as they are, byte for byte.
     Returns facts about the build: parameter count, first/final pretrain
     loss (final = mean of the last 10 steps), vocabulary size and seconds.
     """
@@ -261,8 +302,13 @@ def build_tiny_model(
     if num_threads:
         torch.set_num_threads(num_threads)
     started = time.perf_counter()
-    texts = read_corpus(corpus)
-    tokenizer = train_tokenizer([*texts, *tokenizer_extra], vocab_size, max_position_embeddings)
+    texts = corpus_texts(corpus, texts)
+    if tokenizer_dir is None:
+        tokenizer = train_tokenizer([*texts, *tokenizer_extra], vocab_size, max_position_embeddings)
+    else:
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     say(f"tokenizer: {len(tokenizer)} tokens from {len(texts)} texts")
     config = build_config(
         tokenizer,
@@ -289,7 +335,14 @@ def build_tiny_model(
 
     def save(path: Path) -> None:
         model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        if tokenizer_dir is None:
+            tokenizer.save_pretrained(path)
+            return
+        import shutil
+
+        for f in sorted(Path(tokenizer_dir).iterdir()):
+            if f.is_file():
+                shutil.copy2(f, path / f.name)
 
     _save_atomically(Path(out_dir), save)
     seconds = time.perf_counter() - started

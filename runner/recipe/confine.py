@@ -139,6 +139,7 @@ def path_errors(
     """Every path key of the recipe (as written, parents rebased onto `base_dir`) checked
     against the confinement; the run directory checked unless the command line chose it."""
     from runner.recipe.layers import is_local_path
+    from runner.recipe.model import TINY_CORPUS_TRAIN
 
     errors: list[tuple[tuple[str, ...], str]] = []
     for key, value in read_paths(written):
@@ -146,6 +147,8 @@ def path_errors(
             key, value, base_dir
         ):
             continue  # a hub id
+        if key == ("model", "tiny", "corpus") and value == TINY_CORPUS_TRAIN:
+            continue  # "train": the recipe's own training texts, read through dataset.path
         globbed = key == ("dataset", "path") and any(c in value for c in "*?[")
         target = Path(_glob_base(value) if globbed else value).expanduser()
         problem = confinement.read_problem(value, base_dir / target)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.recipe.model import BUILTIN_TINY
+from runner.recipe.model import BUILTIN_TINY, TINY_CORPUS_TRAIN
 from runner.recipe.problems import InvalidRecipe, Problem
 from runner.recipe.toml_lines import key_lines
 from runner.recipe.tomlfile import read_toml
@@ -89,6 +89,8 @@ def is_local_path(key: Key, value: str, base: Path) -> bool:
     that wrote it, is a glob, or is not shaped like a hub id (owner/name)."""
     if key == ("model", "name_or_path") and value == BUILTIN_TINY:
         return False
+    if key == ("model", "tiny", "corpus") and value == TINY_CORPUS_TRAIN:
+        return False  # the recipe's training texts, not a file
     if value.startswith((".", "/", "~")) or any(ch in value for ch in "*?["):
         return True
     if (base / value).exists():

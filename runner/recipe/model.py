@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     from runner.recipe.confine import Confinement
 
 BUILTIN_TINY = "builtin:tiny-glm"
+# model.tiny.corpus naming no file: the recipe's own formatted training texts (a file named
+# "train" is written "./train")
+TINY_CORPUS_TRAIN = "train"
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -22,7 +22,7 @@ def collected_metrics(ctx: Context) -> dict[str, Any]:
 
 def run(ctx: Context) -> dict[str, Any]:
     from runner.models.load import load_tokenizer
-    from runner.models.resolve import materialize
+    from runner.models.resolve import tokenizer_folder
 
     recipe = ctx.recipe
     final = ctx.path(ADAPTER)
@@ -30,7 +30,7 @@ def run(ctx: Context) -> dict[str, Any]:
     shutil.copytree(ctx.path(TRAIN_FINAL), tmp, dirs_exist_ok=True)
     for junk in ("training_args.bin",):
         (tmp / junk).unlink(missing_ok=True)
-    load_tokenizer(materialize(recipe, ctx.log)).save_pretrained(str(tmp))
+    load_tokenizer(tokenizer_folder(recipe, ctx.log)).save_pretrained(str(tmp))
     shutil.copy2(ctx.path(RESOLVED_RECIPE), tmp / "recipe.toml")
     metrics = collected_metrics(ctx)
     write_json_atomic(tmp / "metrics.json", metrics)

@@ -22,11 +22,11 @@ def run(ctx: Context) -> dict[str, Any]:
     from runner.data.chat import template_literals
     from runner.data.formatting import empty_shards
     from runner.models.load import load_tokenizer
-    from runner.models.resolve import materialize
+    from runner.models.resolve import tokenizer_folder
 
     recipe = ctx.recipe
     cfg = recipe.section("tokenize")
-    tok = load_tokenizer(materialize(recipe, ctx.log))
+    tok = load_tokenizer(tokenizer_folder(recipe, ctx.log))  # no weights needed
     encoder = Encoder(
         tok,
         recipe.get("template.format"),

@@ -48,6 +48,37 @@ def convert_checkpoint(
     at a time to bound memory. ``dst`` appears atomically (temp dir + rename).
     """
     src, dst = Path(src), Path(dst)
+    cfg, dims, tokenizer, stop_ids = _source_tokenizer(src)
+
+    from transformers import GenerationConfig
+
+    config = chatglm_config_to_glm(cfg, eos_token_ids=stop_ids)
+
+    with AtomicDir(dst, overwrite=overwrite) as tmp:
+        _write_weights(weight_shards(src), cfg, dims, tmp, max_shard_size)
+        config.save_pretrained(tmp)
+        GenerationConfig(eos_token_id=stop_ids, pad_token_id=config.pad_token_id).save_pretrained(
+            tmp
+        )
+        _save_tokenizer(tokenizer, src, tmp)
+    return dst
+
+
+def convert_tokenizer(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """The tokenizer files of ``convert_checkpoint(src)`` alone (the same bytes), from
+    ``config.json`` and ``tokenizer.model``: all that preparing data needs, without reading or
+    converting the weights (which need not be there)."""
+    src, dst = Path(src), Path(dst)
+    _, _, tokenizer, _ = _source_tokenizer(src)
+    with AtomicDir(dst, overwrite=overwrite) as tmp:
+        _save_tokenizer(tokenizer, src, tmp)
+    return dst
+
+
+def _source_tokenizer(src: Path) -> tuple[dict[str, Any], ChatGLMDims, Any, list[int]]:
+    """(config, dims, fast tokenizer, stop ids) of a ChatGLM checkpoint folder."""
     cfg = read_config(src)
     if cfg is None:
         raise FileNotFoundError(f"no readable config.json in {src}")
@@ -59,9 +90,6 @@ def convert_checkpoint(
     sp_model = src / "tokenizer.model"
     if not sp_model.is_file():
         raise FileNotFoundError(f"{src} has no tokenizer.model (SentencePiece) to convert")
-
-    from transformers import GenerationConfig
-
     tokenizer = load_chatglm_tokenizer(sp_model, model_max_length=dims.seq_length)
     vocab = tokenizer.get_vocab()
     stop_ids = _dedupe_ints([tokenizer.eos_token_id, vocab["<|user|>"], vocab["<|observation|>"]])
@@ -69,20 +97,16 @@ def convert_checkpoint(
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {dims.vocab_size}"
         )
-    config = chatglm_config_to_glm(cfg, eos_token_ids=stop_ids)
+    return cfg, dims, tokenizer, stop_ids
 
-    with AtomicDir(dst, overwrite=overwrite) as tmp:
-        _write_weights(weight_shards(src), cfg, dims, tmp, max_shard_size)
-        config.save_pretrained(tmp)
-        GenerationConfig(eos_token_id=stop_ids, pad_token_id=config.pad_token_id).save_pretrained(
-            tmp
-        )
-        tokenizer.save_pretrained(tmp)
-        _portable_tokenizer_class(tmp / "tokenizer_config.json")
-        for lic in [*src.glob("*LICENSE*"), *src.glob("*License*")]:
-            if lic.is_file():
-                shutil.copy2(lic, tmp / lic.name)
-    return dst
+
+def _save_tokenizer(tokenizer: Any, src: Path, out: Path) -> None:
+    """The tokenizer files and the licence files that travel with them."""
+    tokenizer.save_pretrained(out)
+    _portable_tokenizer_class(out / "tokenizer_config.json")
+    for lic in [*src.glob("*LICENSE*"), *src.glob("*License*")]:
+        if lic.is_file():
+            shutil.copy2(lic, out / lic.name)
 
 
 def _portable_tokenizer_class(path: Path) -> None:
