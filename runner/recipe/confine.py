@@ -74,9 +74,9 @@ class Confinement:
         return tuple(str(p) for p in self.allowed)
 
     def permits(self, real: Path, *, reading: bool = True) -> bool:
-        from runner.recipe.starters import DEMO_DATA  # the runner's own demo data (`recipe new`)
+        from runner.recipe.starters import DEMO_SETS  # the runner's own demo data sets
 
-        areas = (self.root, *self.allowed, *((DEMO_DATA,) if reading else ()))
+        areas = (self.root, *self.allowed, *((DEMO_SETS.resolve(),) if reading else ()))
         return any(_inside(real, area) for area in areas)
 
     def read_problem(self, value: str, target: Path, label: str | None = None) -> str | None:
