@@ -338,7 +338,7 @@ metrics = ["bleu-4", "rouge-l", "chrf"]  # English: scored on words (chrF on cha
 
 
 TEXTS = {"adgen": ADGEN, "adgen-tiny": ADGEN_TINY, "chat": CHAT, "alpaca": ALPACA}
-SETS = {"adgen-tiny": "adgen-demo", "chat": "chat-demo", "alpaca": "alpaca-demo"}
+SETS = {starter: folder for starter, (folder, _) in DEMO_FILES.items()}
 
 
 def _sources(starter: str) -> dict[str, Path]:
@@ -351,7 +351,7 @@ def _sources(starter: str) -> dict[str, Path]:
     if missing:
         raise RecipeError(
             f"recipe new --from {starter}: the runner's file {missing[0]} is missing; "
-            "reinstall the runner (or, in a clone, run python -m runner.data.demo_english)"
+            "reinstall the runner"
         )
     return sources
 
@@ -383,15 +383,19 @@ def new_recipe(name: str, starter: str, folder: Path) -> list[Path]:
     templates = {"prompt.j2": ADGEN_PROMPT, "response.j2": ADGEN_RESPONSE}
     written = [recipe_file]
     home.mkdir(parents=True)
-    for relative, source in sources.items():
-        target = home / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-        written.append(target)
-    if starter.startswith("adgen"):
-        for relative, content in templates.items():
-            (home / relative).write_text(content, encoding="utf-8")
-            written.append(home / relative)
-    with open(recipe_file, "x", encoding="utf-8") as f:  # last: a failed copy leaves no recipe
-        f.write(text)
+    try:
+        for relative, source in sources.items():
+            target = home / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            written.append(target)
+        if starter.startswith("adgen"):
+            for relative, content in templates.items():
+                (home / relative).write_bytes(content.encode("utf-8"))  # \n on every system
+                written.append(home / relative)
+        with open(recipe_file, "x", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+    except BaseException:  # a full disk, ^C: no half-written starter is left behind
+        shutil.rmtree(home, ignore_errors=True)
+        raise
     return written
