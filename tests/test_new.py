@@ -157,6 +157,18 @@ def test_never_overwrites(tmp_path: Path, existing: list[str], shown: str) -> No
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_a_failed_copy_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner.recipe import starters
+
+    def full_disk(source: Path, target: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(starters.shutil, "copyfile", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        starters.new_recipe("x", "chat", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_name(tmp_path: Path) -> None:
     code, out = new("my run", "--dir", str(tmp_path))
     assert code == 2
