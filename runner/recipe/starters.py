@@ -274,7 +274,7 @@ ALPACA = """\
 #     recipe validate @NAME@.toml
 #     recipe inspect @NAME@.toml         # the rendered turns and what is trained
 #     recipe run @NAME@.toml
-#     recipe generate @NAME@.toml "Write a short invitation."
+#     recipe generate @NAME@.toml --prompt "What sound does a cow make?"
 #
 @FOOTER@
 # ---------------------------------------------------------------------------------------------
