@@ -63,9 +63,8 @@ def test_starter_validates_and_plans_as_written(tmp_path: Path, starter: str) ->
     assert sum(line.lstrip().startswith("#") or " # " in line for line in lines) > 20  # commented
     recipe = load_recipe(recipe_file)
     assert recipe.name == "my-run"
-    if starter != "adgen":  # (adgen's data is on the hub: planning it needs no network either,
-        plan = compute_plan(recipe)  # but its tiny-model-free plan is test_plan's)
-        assert {st.status for st in plan} == {"pending"}
+    plan = compute_plan(recipe)  # adgen's hub model and data are named, not fetched
+    assert {st.status for st in plan} == {"pending"}
 
 
 @pytest.mark.parametrize("starter", STARTERS)
@@ -87,8 +86,7 @@ def test_paths_are_relative_to_the_recipe_and_inside_its_folder(
     shutil.rmtree(tmp_path / "a")
     check = CliRunner().invoke(cli, ["validate", str(moved / "mine.toml")])
     assert check.exit_code == 0, check.output
-    if starter != "adgen":
-        assert {st.status for st in compute_plan(load_recipe(moved / "mine.toml"))} == {"pending"}
+    assert {st.status for st in compute_plan(load_recipe(moved / "mine.toml"))} == {"pending"}
 
 
 @pytest.mark.parametrize("starter", sorted(SHIPPED))
