@@ -452,10 +452,12 @@ def lock(recipe_file: Path, allow: tuple[Path, ...]) -> None:
 @click.option(
     "--from",
     "starter",
-    type=click.Choice(["adgen", "adgen-tiny"]),
+    type=click.Choice(["adgen", "adgen-tiny", "chat", "alpaca"]),
     default="adgen",
     show_default=True,
-    help="adgen: ChatGLM3-6B on a GPU; adgen-tiny: tiny model, CPU.",
+    help="adgen: ChatGLM3-6B on a GPU; adgen-tiny: tiny model, CPU, Chinese ad copy; chat: "
+    "multi-turn `messages` conversations, tiny model, CPU; alpaca: instruction / input / output "
+    "rows, tiny model, CPU. The tiny ones copy a small demo data set into NAME/.",
 )
 @click.option(
     "--dir",
@@ -466,8 +468,8 @@ def lock(recipe_file: Path, allow: tuple[Path, ...]) -> None:
 )
 @reported
 def new(name: str, starter: str, folder: Path) -> None:
-    """Write a commented starter recipe NAME.toml (and its prompt template) that validates as is;
-    never overwrites."""
+    """Write a commented starter recipe NAME.toml and the folder NAME/ it reads (templates, demo
+    data, a schema copy): paths relative to NAME.toml, runs as written; never overwrites."""
     from runner.recipe.starters import new_recipe
 
     for path in new_recipe(name, starter, folder):

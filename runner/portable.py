@@ -23,7 +23,7 @@ from typing import Any
 
 from runner.data.sources import local_files
 from runner.errors import RecipeError
-from runner.recipe import BUILTIN_TINY, Recipe
+from runner.recipe import BUILTIN_TINY, TINY_CORPUS_TRAIN, Recipe
 from runner.recipe.layers import is_local_path
 from runner.recipe.mix import rekeyed, source_recipes
 
@@ -148,11 +148,11 @@ def portable_recipe(recipe: Recipe, out: Path) -> PortableRecipe:
         if _get(data, key) is not None:
             _set(data, key, None)
     placer = _Placer(recipe, result.copies)
-    if recipe.is_builtin_model:
+    if recipe.is_builtin_model and recipe.get("model.tiny.corpus") != TINY_CORPUS_TRAIN:
         corpus = _file(recipe, "model.tiny.corpus")
         placer.add(corpus, placer.anchor(corpus))
         data["model"]["tiny"]["corpus"] = "./" + placer.anchor(corpus)
-    else:
+    elif not recipe.is_builtin_model:
         data["model"].pop("tiny", None)  # only the built-in model reads it (defaults otherwise)
         base = base_model(recipe, out)
         if base.kind == "local":  # weights are not copied: the folder, seen from the export

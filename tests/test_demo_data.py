@@ -110,3 +110,58 @@ def test_modules_import_without_torch() -> None:
         "assert not {'torch', 'transformers', 'tokenizers'} & set(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+# --- the English demo sets of the chat and alpaca starters (runner/data/demo_english.py) ---
+
+
+def test_english_shipped_files_match_generator(tmp_path: Path) -> None:
+    from runner.data import demo_english
+
+    for name, rows in demo_english.shipped_files().items():
+        assert read_jsonl(REPO / "data" / name) == rows, name
+    demo_english.main(["--out", str(tmp_path)])  # byte for byte, as the module says
+    for name in demo_english.shipped_files():
+        assert (tmp_path / name).read_bytes() == (REPO / "data" / name).read_bytes(), name
+    for folder in ("alpaca-demo", "chat-demo"):
+        assert (REPO / "data" / folder / "README.md").is_file()
+        assert sum(f.stat().st_size for f in (REPO / "data" / folder).iterdir()) < 500_000
+
+
+def test_english_sets_are_deterministic_and_seeded() -> None:
+    from runner.data import demo_english as de
+
+    assert de.generate_alpaca(30, 5) == de.generate_alpaca(30, 5) != de.generate_alpaca(30, 6)
+    assert de.generate_chat(30, 5) == de.generate_chat(30, 5) != de.generate_chat(30, 6)
+
+
+def test_alpaca_outputs_quote_their_inputs() -> None:
+    """The mapping is learnable: every word of an input's values is in the output."""
+    from runner.data import demo_english as de
+
+    rows = de.generate_alpaca(de.ALPACA_TRAIN_ROWS, de.ALPACA_TRAIN_SEED)
+    assert 0.15 < sum(r["input"] == "" for r in rows) / len(rows) < 0.35  # some without input
+    for r in rows:
+        assert set(r) == {"instruction", "input", "output"} and r["instruction"] and r["output"]
+        values = [part.split(": ", 1)[-1] for part in r["input"].split("; ") if part]
+        words = [w for v in values for w in v.split() if w not in ("a", "the")]
+        assert all(w in r["output"] for w in words), r
+
+
+def test_chat_conversations_alternate_and_replies_repeat_earlier_words() -> None:
+    from runner.data import demo_english as de
+
+    rows = de.generate_chat(de.CHAT_TRAIN_ROWS, de.CHAT_TRAIN_SEED)
+    assert 0.2 < sum(r["messages"][0]["role"] == "system" for r in rows) / len(rows) < 0.4
+    for r in rows:
+        turns = [m for m in r["messages"] if m["role"] != "system"]
+        assert 4 <= len(turns) <= 6
+        assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2)
+
+        def words(text: str) -> set[str]:
+            common = {"a", "an", "the", "is", "it", "you", "your", "in", "at", "on", "of"}
+            return {w.strip(".,!?").lower() for w in text.split()} - common
+
+        said = set().union(*(words(m["content"]) for m in turns[:-1]))
+        shared = words(turns[-1]["content"]) & said
+        assert shared, r  # the last reply (what compare scores) repeats what was said before

@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # Attribute order used both in the content string and in the summary.
 KEY_ORDER: tuple[str, ...] = (
@@ -350,7 +351,7 @@ def generate_pretrain_rows(n: int, seed: int) -> list[dict[str, str]]:
     return [{"text": record["summary"]} for record in generate_records(n, seed)]
 
 
-def write_jsonl(path: str | Path, records: Iterable[Mapping[str, str]]) -> None:
+def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as fh:

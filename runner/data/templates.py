@@ -82,7 +82,8 @@ _FINAL_NEWLINE = re.compile(r"(\r\n|\r|\n)\Z")  # the newline Jinja's default dr
 def prompt_keeps_newline(recipe: Recipe) -> bool:
     """Whether the prompt template ends with a newline: it renders since the runner kept final
     newlines (it used to be dropped), so the format stage's fingerprint says so."""
-    return bool(_FINAL_NEWLINE.search(template_sources(recipe)["prompt"].source))
+    prompt = template_sources(recipe).get("prompt")  # conversations have no prompt template
+    return prompt is not None and bool(_FINAL_NEWLINE.search(prompt.source))
 
 
 MAX_ITERATIONS = 100_000  # loop iterations per rendered part of one row

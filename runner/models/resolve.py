@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.data.sources import data_identity
+from runner.data.sources import data_identity, dataset_identity
+from runner.data.templates import template_identity
 from runner.errors import RecipeError
 from runner.recipe import BUILTIN_TINY, TINY_CORPUS_TRAIN, Recipe, flatten
 from runner.recipe.confine import check_code_unchanged
+from runner.recipe.mix import has_sources
 from runner.state import cache_build_lock, cache_root, fingerprint, sha256_file
 
 TINY_BUILDER_VERSION = 1
@@ -53,21 +56,37 @@ SOURCE_FILE = "recipe_source.json"  # in a converted folder: what it was convert
 # The keys that decide the formatted training texts: what the format stage reads (runner/plan.py)
 # but the template's format, which turns texts into tokens.
 TEXT_KEYS = ("recipe.seed", "dataset", "template")
+# where the data and template files are: their contents stand in for them
+PLACE_KEYS = ("dataset.path", "template.prompt_file", "template.response_file")
 
 
 def training_texts_identity(recipe: Recipe) -> dict[str, Any]:
     """What decides the recipe's formatted training texts, cheaply (no formatting): the format
     stage's settings and the content hashes of its data and template files. It keys the tiny
-    model built on them (corpus = "train"), so other data builds another model."""
+    model built on them (corpus = "train"), so other data builds another model; by content
+    alone, not where the files are, so a `recipe new` starter (a copy of a shipped demo set)
+    shares the shipped recipe's model."""
     params = {
         k: v
         for k, v in flatten(recipe.data).items()
-        if any(k == r or k.startswith(r + ".") for r in TEXT_KEYS) and k != "template.format"
+        if any(k == r or k.startswith(r + ".") for r in TEXT_KEYS)
+        and k not in (*PLACE_KEYS, "template.format")
     }
-    return {
-        "params": params,
-        **data_identity(recipe),  # {"dataset", "templates"}: each source's, for a mix
+    if has_sources(recipe):  # a mix: each source's files and templates, as format keys them
+        return {"params": params, **data_identity(recipe)}
+    data = dataset_identity(recipe)
+    if "files" in data:  # keyed by the path inside the data set (which file is which split)
+        names = list(data["files"])
+        top = posixpath.dirname(names[0]) if len(names) == 1 else posixpath.commonpath(names)
+        data = {"files": {posixpath.relpath(n, top or "."): h for n, h in data["files"].items()}}
+    template_identity(recipe)  # a missing template file: its one-line error
+    section = recipe.section("template")
+    templates = {
+        part: sha256_file(recipe.resolve(section[f"{part}_file"]))
+        for part in ("prompt", "response")
+        if f"{part}_file" in section
     }
+    return {"params": params, "dataset": data, "templates": templates}
 
 
 def _tiny_settings(recipe: Recipe) -> dict[str, Any]:

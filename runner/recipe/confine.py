@@ -74,9 +74,9 @@ class Confinement:
         return tuple(str(p) for p in self.allowed)
 
     def permits(self, real: Path, *, reading: bool = True) -> bool:
-        from runner.recipe.starters import DEMO_DATA  # the runner's own demo data (`recipe new`)
+        from runner.recipe.starters import DEMO_SETS  # the runner's own demo data sets
 
-        areas = (self.root, *self.allowed, *((DEMO_DATA,) if reading else ()))
+        areas = (self.root, *self.allowed, *((DEMO_SETS.resolve(),) if reading else ()))
         return any(_inside(real, area) for area in areas)
 
     def read_problem(self, value: str, target: Path, label: str | None = None) -> str | None:
@@ -117,15 +117,19 @@ def _glob_base(value: str) -> str:
 
 
 def read_paths(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
-    """(key, value) of every path key the recipe writes (hub ids among them), each
-    [[dataset.sources]] table's path and template files too."""
+    """(key, value) of every path key the recipe writes (hub ids among them; not the tiny
+    corpus "train", which names the recipe's own training texts, read through dataset.path),
+    each [[dataset.sources]] table's path and template files too."""
     from runner.recipe.layers import PATH_KEYS, SOURCE_PATH_KEYS
+    from runner.recipe.model import TINY_CORPUS_TRAIN
 
     found: list[tuple[tuple[str | int, ...], str]] = []
     for key in (*PATH_KEYS, ("launch", "config_file")):
         node: Any = data
         for part in key:
             node = node.get(part) if isinstance(node, dict) else None
+        if key == ("model", "tiny", "corpus") and node == TINY_CORPUS_TRAIN:
+            continue
         if isinstance(node, str) and node:
             found.append((key, node))
     sources = data.get("dataset", {}).get("sources")
@@ -154,7 +158,6 @@ def path_errors(
     """Every path key of the recipe (as written, parents rebased onto `base_dir`) checked
     against the confinement; the run directory checked unless the command line chose it."""
     from runner.recipe.layers import is_local_path
-    from runner.recipe.model import TINY_CORPUS_TRAIN
 
     errors: list[tuple[tuple[str | int, ...], str]] = []
     for key, value in read_paths(written):
@@ -163,8 +166,6 @@ def path_errors(
             kind, value, base_dir
         ):
             continue  # a hub id
-        if key == ("model", "tiny", "corpus") and value == TINY_CORPUS_TRAIN:
-            continue  # "train": the recipe's own training texts, read through dataset.path
         globbed = kind == ("dataset", "path") and any(c in value for c in "*?[")
         target = Path(_glob_base(value) if globbed else value).expanduser()
         problem = confinement.read_problem(value, base_dir / target)
