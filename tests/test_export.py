@@ -32,6 +32,24 @@ def export_recipe(recipe_file: Path, out: Path, *sets: str, allow: tuple[str, ..
     return (out / "recipe.toml").read_text(encoding="utf-8")
 
 
+def test_a_chat_recipe_on_its_own_texts_runs_again_from_its_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """corpus = "train" names no file: nothing to copy, and the export keeps it as it is."""
+    out = tmp_path / "export"
+    text = export_recipe(ROOT / "recipes" / "chat-tiny.toml", out)
+    assert 'corpus = "train"' in text
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "inputs/data/chat-demo/dev.jsonl",
+        "inputs/data/chat-demo/train.jsonl",
+        "recipe.toml",
+    ]
+    monkeypatch.chdir(out)
+    assert cli("validate", "recipe.toml") == (0, "recipe.toml: ok\n")
+    code, plan = cli("plan", "recipe.toml")
+    assert code == 0, plan
+
+
 def test_the_shipped_tiny_recipe_runs_again_from_its_export(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
