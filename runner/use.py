@@ -189,11 +189,12 @@ def chat_loop(
 
     variables = [] if raw else template_variables(recipe)
     renderer = Renderer(template_sources(recipe)) if len(variables) == 1 else None
-    how = (
-        f"each line is the template's `{variables[0]}`"
-        if renderer
-        else "each line is the whole prompt"
-    )
+    if renderer:
+        how = f"each line is the template's `{variables[0]}`"
+    elif not raw and recipe.get("dataset.format") != "template":
+        how = "each line is a user turn"
+    else:
+        how = "each line is the whole prompt"
     note(
         f"chat with the {session.label}: {how}; the conversation is kept "
         f"({RESET} starts over); /exit or Ctrl-D ends"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +141,7 @@ def test_colours_on_a_terminal(
     from runner.data.inspection import inspect_recipe
 
     monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: a terminal, whatever stdout is
     # a colour terminal: under TERM=dumb (CI) rich prints no colour even when forced
     monkeypatch.setenv("TERM", "xterm-256color")
     monkeypatch.delenv("NO_COLOR", raising=False)
@@ -154,7 +154,8 @@ def test_colours_on_a_terminal(
     from rich.console import Console
 
     probe = Console()
-    why = (probe.is_terminal, probe.color_system, probe.is_jupyter, type(sys.stdin), out)
+    env = {k: os.environ.get(k) for k in ("FORCE_COLOR", "TTY_COMPATIBLE", "TERM", "NO_COLOR")}
+    why = (probe.is_terminal, probe.color_system, env, probe._environ is os.environ, out)
     assert trained and masked and trained.group(1) != masked.group(1), why
 
 

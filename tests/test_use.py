@@ -166,3 +166,24 @@ def test_chat_raw_uses_each_line_as_the_prompt_and_stops_at_eof(in_tmp: Path) ->
     )
     assert (n, model.asked) == (1, ["plain words"])
     assert notes[0].startswith("chat with the echo model: each line is the whole prompt;")
+
+
+def test_chat_on_a_conversation_recipe_takes_each_line_as_a_user_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    new = CliRunner().invoke(cli, ["new", "talk", "--from", "chat"])
+    assert new.exit_code == 0, new.output
+    model, notes = EchoModel(), []
+    n = chat_loop(
+        model,
+        load_recipe(tmp_path / "talk.toml"),
+        iter(["hello\n", "and then?\n"]),
+        say=lambda _: None,  # type: ignore[arg-type]
+        note=notes.append,
+    )
+    assert n == 2 and model.conversations[-1][-3:] == ["hello", "<1> 'hello'", "and then?"]
+    assert notes == [
+        "chat with the echo model: each line is a user turn; the conversation is kept "
+        "(/reset starts over); /exit or Ctrl-D ends"
+    ]

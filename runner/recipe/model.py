@@ -109,7 +109,10 @@ class Recipe:
             header.append("# --unset " + " --unset ".join(self.unsets).replace("\n", "\\n"))
         if self.overrides:
             header.append("# --set " + " --set ".join(self.overrides).replace("\n", "\\n"))
-        return "\n".join(header) + "\n" + tomli_w.dumps(_drop_none(self.data))
+        data = _drop_none(self.data)
+        if not self.is_builtin_model:  # its defaults only apply to the built-in model, and a
+            data["model"].pop("tiny", None)  # hub or local model refuses the table on reload
+        return "\n".join(header) + "\n" + tomli_w.dumps(data)
 
     @property
     def run_dir(self) -> Path:
