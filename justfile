@@ -12,7 +12,7 @@ demo:
 # the whole test suite (unit, CLI, end-to-end on the tiny model), one worker per core (at most
 # 4), each test file on one worker so that a file's module fixtures (a trained run) are made once
 test *args:
-    pytest -q -n auto --maxprocesses 4 --dist loadfile {{args}}
+    pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder {{args}}
 
 # the fast tests only (no training)
 test-fast:

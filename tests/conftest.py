@@ -58,13 +58,14 @@ def recipe_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return session_cache(tmp_path_factory)
 
 
-# the longest files, longest first (`pytest --durations`): started first, so they run side by side
+# the longest files, longest first (`pytest --durations`); with two workers the first and third
+# go to one, the second and fourth to the other
 LONGEST = (
     "test_launch_e2e.py",
-    "test_faults.py",
     "test_e2e.py",
-    "test_compile.py",
+    "test_faults.py",
     "test_use_e2e.py",
+    "test_compile.py",
 )
 
 
@@ -81,3 +82,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return len(LONGEST) if item.path in slow_files else len(LONGEST) + 1
 
     items.sort(key=rank)  # stable: the order within a file is kept
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A whole-suite `pytest -n` run: the controller builds the demo's tiny model into the
+    workers' shared cache (datakit.session_cache) with every core before they start, instead of
+    one worker building it on one core while the others wait for it on theirs."""
+    config = session.config
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", 0):
+        return
+    whole = all(Path(a).resolve() == ROOT / "tests" for a in config.args) and not (
+        config.option.markexpr or config.option.keyword
+    )
+    if not whole:  # a few files or `-m "not slow"`: the tests that need the model build it
+        return
+    from runner.models.resolve import materialize
+    from runner.recipe import load_recipe
+
+    cache = os.environ.get("RECIPE_TEST_CACHE") or os.environ.get("RECIPE_CACHE")
+    if not cache:
+        cache = str(config._tmp_path_factory.getbasetemp() / "recipe-cache")  # type: ignore[attr-defined]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECIPE_CACHE", cache)
+        materialize(load_recipe(ROOT / "recipes" / "adgen-tiny.toml"), lambda _: None)

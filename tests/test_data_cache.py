@@ -4,6 +4,7 @@ read it and says which one changed; a crash mid-tokenize leaves nothing a later 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -222,9 +223,11 @@ def test_num_proc_gives_the_same_tokens(tmp_path: Path) -> None:
     assert run(recipe).exit_code == 0
     one = rows()
     (tmp_path / "run" / "state" / "tokenize.json").unlink()
+    environ = os.environ
     result = run(recipe, "--set", "tokenize.num_proc=2")
     assert result.exit_code == 0, result.output
     assert rows() == one and len(one["train"]["input_ids"]) == 16
+    assert os.environ is environ  # not datasets' copy: rich reads the object it saw first
 
 
 def test_status_shows_the_counts(tmp_path: Path) -> None:

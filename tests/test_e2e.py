@@ -1,7 +1,7 @@
 """End to end on the embedded default (tiny model, demo data, CPU): the spine's promises.
 
-One module-scoped run of recipes/adgen-tiny.toml, as shipped, is shared: first run, all-cached
-second run (both real `recipe` processes), then a --set lora.r=16 re-run up to quantize-load in
+One module-scoped run of recipes/adgen-tiny.toml, as shipped, is shared: the first run (a real
+`recipe` process), the all-cached second run and a --set lora.r=16 re-run up to quantize-load in
 this process (the plan's reasons for the later stages are tests/test_plan.py's; kill -9 and
 resume are tests/test_faults.py's, on 6 steps instead of 40).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -88,16 +87,17 @@ def test_adapter_loads_with_peft(demo: tuple[Path, str]) -> None:
         assert (run_dir / "adapter" / name).is_file(), name
 
 
-def test_second_run_skips_everything_quickly(demo: tuple[Path, str], env: dict[str, str]) -> None:
+def test_second_run_skips_everything(demo: tuple[Path, str], recipe_cache: str) -> None:
+    """(How fast that is, is bench/cpu.py's figure, not a test's.)"""
+    from runner.cli import cli
+
     run_dir = demo[0]
-    t0 = time.monotonic()
-    again = run_recipe(run_dir, env=env)
-    elapsed = time.monotonic() - t0
-    assert again.returncode == 0, again.stderr
+    sets = ["--set", f"recipe.output_dir={run_dir}"]
+    again = CliRunner(env={"RECIPE_CACHE": recipe_cache}).invoke(cli, ["run", str(RECIPE), *sets])
+    assert again.exit_code == 0, again.output
     for stage in STAGES:
         assert f"{stage}: skipped (up to date)" in again.stdout
     assert "running" not in again.stdout
-    assert elapsed < 10, elapsed
 
 
 def test_changed_rank_reruns_from_quantize_load(demo: tuple[Path, str], recipe_cache: str) -> None:

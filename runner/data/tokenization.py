@@ -313,16 +313,21 @@ def rust_threads(enabled: bool) -> Iterator[None]:
     """Let a fast tokenizer encode each batch on every core (in one process: with num_proc > 1
     datasets forks, and the tokenizers library must stay single-threaded there)."""
     name = "TOKENIZERS_PARALLELISM"
-    before = os.environ.get(name)
+    environ = os.environ
+    before = environ.get(name)
     if enabled:
-        os.environ[name] = "true"
+        environ[name] = "true"
     try:
         yield
     finally:
+        # datasets' map(num_proc=N) ends by putting a copy of the environment in place of
+        # os.environ, so whatever read `os.environ` before (rich's consoles) would see a stale
+        # one from then on: the process keeps its own object
+        os.environ = environ  # noqa: B003 (the same object back, not a new environment)
         if before is None:
-            os.environ.pop(name, None)
+            environ.pop(name, None)
         else:
-            os.environ[name] = before
+            environ[name] = before
 
 
 def tokenizer_facts(tok: Any) -> dict[str, Any]:
