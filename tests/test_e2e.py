@@ -1,9 +1,9 @@
 """End to end on the embedded default (tiny model, demo data, CPU): the spine's promises.
 
-One module-scoped run of recipes/adgen-tiny.toml, as shipped, is shared: the first run (a real
-`recipe` process), the all-cached second run and a --set lora.r=16 re-run up to quantize-load in
-this process (the plan's reasons for the later stages are tests/test_plan.py's; kill -9 and
-resume are tests/test_faults.py's, on 6 steps instead of 40).
+One module-scoped run of recipes/adgen-tiny.toml (50 steps instead of 150) is shared: the first
+run (a real `recipe` process), the all-cached second run and a --set lora.r=16 re-run up to
+quantize-load in this process (the plan's reasons for the later stages are tests/test_plan.py's;
+kill -9 and resume are tests/test_faults.py's, on 6 steps instead of 40).
 """
 
 from __future__ import annotations
@@ -25,10 +25,14 @@ RECIPE = ROOT / "recipes" / "adgen-tiny.toml"
 STAGES = ("format", "tokenize", "quantize-load", "train", "save", "compare")
 
 
+# The demo's path, shortened: its 150 steps and 120-token replies are the README's figures
+# (bench/cpu.py measures them); 50 steps already move every metric the right way.
+SHORTER = ("train.max_steps=50", "compare.max_new_tokens=60")
+
+
 def run_recipe(run_dir: Path, *extra: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return recipe_process(
-        "run", str(RECIPE), "--set", f"recipe.output_dir={run_dir}", *extra, env=env
-    )
+    sets = [a for kv in (f"recipe.output_dir={run_dir}", *SHORTER) for a in ("--set", kv)]
+    return recipe_process("run", str(RECIPE), *sets, *extra, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +96,7 @@ def test_second_run_skips_everything(demo: tuple[Path, str], recipe_cache: str) 
     from runner.cli import cli
 
     run_dir = demo[0]
-    sets = ["--set", f"recipe.output_dir={run_dir}"]
+    sets = [a for kv in (f"recipe.output_dir={run_dir}", *SHORTER) for a in ("--set", kv)]
     again = CliRunner(env={"RECIPE_CACHE": recipe_cache}).invoke(cli, ["run", str(RECIPE), *sets])
     assert again.exit_code == 0, again.output
     for stage in STAGES:
@@ -107,7 +111,9 @@ def test_changed_rank_reruns_from_quantize_load(demo: tuple[Path, str], recipe_c
     before = states(run_dir)
     loaded = json.loads((run_dir / "model" / "load.json").read_text())
     cli_runner = CliRunner(env={"RECIPE_CACHE": recipe_cache})
-    sets = ["--set", f"recipe.output_dir={run_dir}", "--set", "lora.r=16"]
+    sets = [
+        a for kv in (f"recipe.output_dir={run_dir}", *SHORTER, "lora.r=16") for a in ("--set", kv)
+    ]
     out = cli_runner.invoke(cli, ["run", str(RECIPE), *sets, "--until", "quantize-load"])
     assert out.exit_code == 0, out.output
     assert "format: skipped (up to date)" in out.output
