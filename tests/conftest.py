@@ -58,11 +58,13 @@ def recipe_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return session_cache(tmp_path_factory)
 
 
-# the longest files, longest first (`pytest --durations`); with two workers the first and third
-# go to one, the second and fourth to the other
+# the longest files, longest first (`pytest --durations`), in the order that balances two
+# workers: a worker is handed a file when it has at most two tests left, so the first and third
+# go to one worker, the second and fourth to the other, and the rest to whichever is free
 LONGEST = (
     "test_launch_e2e.py",
     "test_e2e.py",
+    "test_attacks.py",
     "test_faults.py",
     "test_use_e2e.py",
     "test_compile.py",
