@@ -454,8 +454,10 @@ def test_progress_lines_carry_loss_speed_and_eta() -> None:
     ]
 
 
-def test_progress_bar_on_a_terminal() -> None:
+def test_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     from rich.console import Console
+
+    monkeypatch.setenv("TERM", "xterm-256color")  # rich draws no bar under TERM=dumb (CI)
 
     console = Console(file=io.StringIO(), force_terminal=True, width=120)
     now = [0.0]
