@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from datakit import session_cache
+from datakit import TEST_TINY, session_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,4 +106,4 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         cache = str(config._tmp_path_factory.getbasetemp() / "recipe-cache")  # type: ignore[attr-defined]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RECIPE_CACHE", cache)
-        materialize(load_recipe(ROOT / "recipes" / "adgen-tiny.toml"), lambda _: None)
+        materialize(load_recipe(ROOT / "recipes" / "adgen-tiny.toml", TEST_TINY), lambda _: None)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from datakit import run_env, write_recipe
+from datakit import TEST_TINY, run_env, write_recipe
 
 from runner.errors import RecipeError
 from runner.models.compile import compile_wanted
@@ -117,6 +117,7 @@ SMALL = (
     "train.per_device_train_batch_size=4",
     "tokenize.max_length=64",
     "compare.num_examples=0",
+    *TEST_TINY,
 )
 
 

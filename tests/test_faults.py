@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from datakit import RECIPE_ARGV, run_env
+from datakit import RECIPE_ARGV, TEST_TINY, run_env
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -37,6 +37,7 @@ SMALL = (
     "train.logging_steps=1",
     "train.per_device_train_batch_size=2",
     "tokenize.max_length=64",
+    *TEST_TINY,
 )
 STEPS = 6
 Outcome = tuple[dict[str, Any], list[tuple[int, float, float, float]]]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from datakit import RECIPE_ARGV, run_env
+from datakit import RECIPE_ARGV, TEST_TINY, run_env
 
 pytest.importorskip("torch")
 pytest.importorskip("accelerate")
@@ -31,6 +31,7 @@ SMALL = (
     "tokenize.max_length=64",
     "compare.num_examples=1",
     "compare.max_new_tokens=8",
+    *TEST_TINY,
 )
 
 

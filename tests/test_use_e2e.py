@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from datakit import recipe_process, session_cache
+from datakit import TEST_TINY, recipe_process, session_cache
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -38,6 +38,7 @@ def short_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[s
         "train.max_steps=10",
         "--set",
         "compare.num_examples=2",
+        *(a for kv in TEST_TINY for a in ("--set", kv)),
     ]
     env = dict(os.environ, RECIPE_CACHE=cache, PYTHONUNBUFFERED="1")
     done = recipe_process("run", str(RECIPE), *sets, env=env)
@@ -110,7 +111,7 @@ def test_generate_follows_the_runs_settings_and_chat_keeps_the_conversation(
     assert after.stdout == row["after"] + "\n"
     assert after.stderr == (
         f"following the last run in {run_dir}: --set train.max_steps=10 "
-        "--set compare.num_examples=2\n"
+        "--set compare.num_examples=2 " + " ".join(f"--set {kv}" for kv in TEST_TINY) + "\n"
     )  # and no staleness note: the adapter matches the settings it was trained with
     content = row["prompt"].removeprefix("用户: ").removesuffix("\n广告: ")
     chat = recipe_cli(
