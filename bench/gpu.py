@@ -86,13 +86,29 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "runner-eager": ("adgen-fast.toml", ["train.torch_compile=false"]),
     # sdpa: torch_compile auto is off there (compiled only with flex_attention).
     "runner-sdpa": ("adgen-fast.toml", ["model.attn_implementation=sdpa"]),
+    # The memory levers (runner/models/fit.py): "runner" plans its step for 16 GiB
+    # (train.memory_budget_gib, as shipped); these change one setting. "!key" is --unset key.
+    "runner-fullgpu": ("adgen-fast.toml", ["!train.memory_budget_gib"]),  # the whole card
+    "runner-allckpt": ("adgen-fast.toml", ["train.gradient_checkpointing=true"]),  # every layer
+    "runner-nochunk": ("adgen-fast.toml", ["train.chunked_cross_entropy=false"]),
+    "runner-8bit": ("adgen-fast.toml", ["train.optim=paged_adamw_8bit"]),  # the tutorial's
+    # the runner before engine v2: every layer checkpointed, paged 8-bit AdamW
+    "runner-v1": (
+        "adgen-fast.toml",
+        ["train.gradient_checkpointing=true", "train.optim=paged_adamw_8bit"],
+    ),
     "runner-nodrop": ("adgen-fast.toml", ["lora.lora_dropout=0.0"]),
     "runner-b64": ("adgen-fast.toml", ["train.per_device_train_batch_size=64"]),
     "runner-b128": ("adgen-fast.toml", ["train.per_device_train_batch_size=128"]),
 }
 # Pairs whose losses must agree: same batches, another kernel (compiled vs eager layers,
 # flex_attention vs sdpa).
-NUMERICS = (("runner", "runner-eager"), ("runner", "runner-sdpa"))
+NUMERICS = (
+    ("runner", "runner-eager"),
+    ("runner", "runner-sdpa"),
+    ("runner", "runner-allckpt"),  # checkpointing recomputes the same values
+    ("runner", "runner-fullgpu"),
+)
 ALLOC_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
@@ -155,7 +171,11 @@ def overrides_for(name: str, recipe: Path, smoke: bool) -> list[str]:
     from runner.recipe import load_recipe
 
     overrides = list(CONFIGS[name][1])
-    resolved = load_recipe(recipe, overrides)
+    resolved = load_recipe(
+        recipe,
+        [o for o in overrides if not o.startswith("!")],
+        unsets=[o[1:] for o in overrides if o.startswith("!")],
+    )
     if smoke and resolved.get("model.attn_implementation") == "flex_attention":
         multiple = pad_multiple(resolved, cuda=False)
         overrides += ["model.attn_implementation=sdpa", f"train.pad_to_multiple_of={multiple}"]
@@ -184,6 +204,11 @@ def matmul_ceiling() -> float:
     return 2 * 8192**3 / times[len(times) // 2] / 1e12
 
 
+def option(override: str) -> tuple[str, str]:
+    """The command-line option of an override: "!key" unsets key."""
+    return ("--unset", override[1:]) if override.startswith("!") else ("--set", override)
+
+
 def run_config(
     name: str, recipe: Path, overrides: list[str], work: Path, steps: int, gpu: str | None = None
 ) -> dict[str, Any]:
@@ -201,7 +226,7 @@ def run_config(
         f"recipe.output_dir={run_dir}",
         "--set",
         f"train.max_steps={steps}",
-        *[x for o in overrides for x in ("--set", o)],
+        *[x for o in overrides for x in option(o)],
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if gpu is not None:
@@ -459,7 +484,8 @@ def main() -> None:
     print(f"\ndevice {results['device']}; bf16 matmul ceiling {ceiling:.0f} TFLOP/s; results {out}")
     print(
         f"{'config':<16}{'real tok/s':>11}{'x tutorial':>11}{'samples/s':>10}{'padded tok/s':>13}"
-        f"{'peak alloc':>11}{'reserved':>9}{'MFU':>7}{'lengths':>8}{'wall s':>8}"
+        f"{'peak alloc':>11}{'estimate':>9}{'est/meas':>9}{'reserved':>9}{'MFU':>7}"
+        f"{'ckpt':>6}{'loss':>10}{'lengths':>8}{'wall s':>8}"
     )
     for name, m in results["configs"].items():
         if "error" in m:
@@ -470,11 +496,16 @@ def main() -> None:
             continue
         ratio = m["real_tokens_per_second"] / base if base else float("nan")
         nan = float("nan")
+        est = m.get("memory_estimate") or {}
+        estimate = est.get("estimated_peak_gib", nan)
+        measured = m.get("peak_allocated_gib", nan)
+        ckpt = f"{est['checkpointed_layers']}/{est['layers']}" if est else "-"
         print(
             f"{name:<16}{m['real_tokens_per_second']:>11.0f}{ratio:>11.1f}"
             f"{m['samples_per_second']:>10.2f}{m['padded_tokens_per_second']:>13.0f}"
-            f"{m.get('peak_allocated_gib', nan):>11.1f}{m.get('peak_reserved_gib', nan):>9.1f}"
-            f"{m['useful_mfu']:>7.1%}{m.get('batch_shapes', 0):>8}{m['wall_s']:>8.0f}"
+            f"{measured:>11.2f}{estimate:>9.2f}{estimate / measured:>9.3f}"
+            f"{m.get('peak_reserved_gib', nan):>9.1f}{m['useful_mfu']:>7.1%}{ckpt:>6}"
+            f"{est.get('loss_chunking', '-'):>10}{m.get('batch_shapes', 0):>8}{m['wall_s']:>8.0f}"
         )
     for check in checks:
         a, b = check["first"], check["last"]

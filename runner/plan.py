@@ -119,6 +119,7 @@ STAGES: tuple[Stage, ...] = (
             "train.report_to",
             "train.dataloader_num_workers",
             "train.on_changed_settings",
+            "train.memory_budget_gib",  # picks layouts that train the same math
         ),
         upstream=("tokenize", "quantize-load"),
         outputs=(TRAIN_FINAL, LOG_HISTORY),

@@ -36,6 +36,10 @@ class Meter:
         self.shapes: set[tuple[int, ...]] = set()
         self.new_shape_steps: set[int] = set()  # intervals (index into marks) with a new shape
         self.paused = False  # while the Trainer evaluates
+        self.last_real: int | None = None  # real tokens of the batch training now, if known
+        # On CUDA a step ends where an event recorded on the stream says, read at the end: a
+        # synchronize per step would leave the GPU idle while the CPU prepares the next one.
+        self.events: list[Any] = []
         self.collated: deque[tuple[int, int, int, tuple[int, ...]]] = deque()  # not trained yet
 
     def count(self, batch: dict[str, Any], features: list[dict[str, Any]] | None = None) -> None:
@@ -56,8 +60,10 @@ class Meter:
     def trained(self) -> None:
         """The Trainer trains on the oldest collated batch: count it in the current step."""
         if not self.collated:  # collated in a data loader worker process: not seen here
+            self.last_real = None
             return
         real, padded, samples, shape = self.collated.popleft()
+        self.last_real = real
         self.real += real
         self.padded += padded
         self.samples += samples
@@ -69,8 +75,23 @@ class Meter:
         import torch
 
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
         self.marks.append((time.perf_counter(), self.real, self.padded, self.samples))
+
+    def _stream_times(self) -> None:
+        """Step ends as the GPU reached them (CUDA), in place of the CPU's clock."""
+        if len(self.events) != len(self.marks) or not self.events:
+            return
+        self.events[-1].synchronize()
+        first = self.events[0]
+        start = self.marks[0][0]
+        self.marks = [
+            (start + first.elapsed_time(event) / 1000, *mark[1:])
+            for event, mark in zip(self.events, self.marks, strict=True)
+        ]
+        self.events = []
 
     def steady_steps(self, new_shape_steps: set[int] | None = None) -> list[int]:
         """Indices i of the intervals marks[i-1] -> marks[i] that make the steady state.
@@ -82,6 +103,7 @@ class Meter:
         return warm if 2 * len(warm) >= len(window) else window
 
     def summary(self, new_shape_steps: set[int] | None = None) -> dict[str, Any]:
+        self._stream_times()
         out: dict[str, Any] = {}
         steps = self.steady_steps(new_shape_steps) if len(self.marks) > self.warmup + 1 else []
         if steps:

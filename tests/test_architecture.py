@@ -163,7 +163,8 @@ def test_a_missing_target_stops_the_run_naming_the_library_version(
     assert str(e.value) == (
         f"train: transformers {transformers.__version__} has no "
         "transformers.Trainer._track_num_input_tokens, which the runner overrides (tokens seen "
-        "leave a packed row's pad segment out)" + OVERRIDE_FIX
+        "leave a packed row's pad segment out, and are counted on the CPU (the Trainer's count "
+        "reads a GPU sum back: a sync every micro-batch))" + OVERRIDE_FIX
     )
     monkeypatch.delattr(tuners_utils, "_get_tuner_state_dict_key_prefixes")
     with pytest.raises(StageError) as e:

@@ -90,6 +90,7 @@ def percentiles(values: Any) -> dict[str, float]:
     return {
         "min": float(ordered[0]),
         "mean": round(float(ordered.mean()), 1),
+        "std": round(float(ordered.std()), 1),  # the memory estimate's packed-row spread
         "p50": at(0.5),
         "p90": at(0.9),
         "p99": at(0.99),

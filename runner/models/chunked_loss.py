@@ -27,10 +27,11 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab_size)
 
 
-def is_chunked(tokens: int, vocab_size: int) -> bool:
+def is_chunked(tokens: int, vocab_size: int, one_pass: int | None = None) -> bool:
     """Whether a micro-batch of `tokens` is computed in chunks (else in one pass, as the
-    model's own loss does: a few GiB at most, and no recompute)."""
-    return tokens * vocab_size > ONE_PASS_ELEMENTS
+    model's own loss does: a few GiB at most, and no recompute). `one_pass`: the most logits
+    taken in one pass (default ONE_PASS_ELEMENTS; CHUNK_ELEMENTS: all over one chunk)."""
+    return tokens * vocab_size > (ONE_PASS_ELEMENTS if one_pass is None else one_pass)
 
 
 def chunking_wanted(recipe: Recipe, cuda: bool) -> bool:
@@ -59,9 +60,10 @@ def head_problem(base: Any) -> str | None:
     return None
 
 
-def chunked_causal_lm_loss(head: Any) -> Any:
+def chunked_causal_lm_loss(head: Any, one_pass: int | None = None) -> Any:
     """A `loss_function` for transformers' causal LMs that receives the hidden states as
-    "logits" (the head passes them through) and applies `head` chunk by chunk."""
+    "logits" (the head passes them through) and applies `head` chunk by chunk to micro-batches
+    of over `one_pass` logits."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
@@ -87,7 +89,7 @@ def chunked_causal_lm_loss(head: Any) -> Any:
         if ignore_index != IGNORE_INDEX:
             targets = targets.masked_fill(targets == ignore_index, IGNORE_INDEX)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        if not is_chunked(flat.shape[0], vocab_size):
+        if not is_chunked(flat.shape[0], vocab_size, one_pass):
             total = chunk_sum(flat, targets)
         else:
             size = chunk_tokens(vocab_size)

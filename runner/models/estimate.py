@@ -43,6 +43,7 @@ from typing import Any
 
 from runner.data.collate import pad_multiple
 from runner.errors import RecipeError
+from runner.models import fit
 from runner.models.chunked_loss import chunk_tokens, chunking_wanted, is_chunked
 from runner.precision import Hardware
 from runner.precision import for_recipe as resolve_precision
@@ -105,10 +106,11 @@ class Memory:
     activations: dict[str, int]  # "checkpointing" / "no_checkpointing" at the peak length
     activations_typical: dict[str, int]
 
-    def peak(self, checkpointing: bool, typical: bool = False, device_heap: bool = False) -> int:
-        acts = self.activations_typical if typical else self.activations
-        key = "checkpointing" if checkpointing else "no_checkpointing"
-        fixed = (
+    model: ActivationModel  # prices any layout (runner/models/fit.py)
+
+    def fixed(self, device_heap: bool = False) -> int:
+        """Everything but the activations."""
+        return (
             self.weights
             + self.lora
             + self.gradients
@@ -116,8 +118,13 @@ class Memory:
             + self.autocast_copies
             + self.dequant_transient
             + self.runtime
+            - (self.optimizer_paged if device_heap else 0)
         )
-        return fixed + acts[key] - (self.optimizer_paged if device_heap else 0)
+
+    def peak(self, checkpointing: bool, typical: bool = False, device_heap: bool = False) -> int:
+        acts = self.activations_typical if typical else self.activations
+        key = "checkpointing" if checkpointing else "no_checkpointing"
+        return self.fixed(device_heap) + acts[key]
 
 
 @dataclass
@@ -136,9 +143,10 @@ class ModelPlan:
     all_params: int
     precision: Precision
     tokens: Tokens
-    checkpointing: bool
+    checkpointing: bool  # some layers checkpointed, in the layout chosen
     optim: str
     memory: Memory
+    choice: fit.Choice  # the layout: as the recipe says, or "auto" resolved (models/fit.py)
     notes: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
@@ -289,9 +297,20 @@ def tokens_for(recipe: Recipe, cuda: bool) -> Tokens:
         return multiple * math.ceil(n / multiple)
 
     if train.get("packing"):  # one row of the batch's examples: batch x mean tokens typically
-        mean = round(lengths.get("mean") or typical)
-        row, typical_row = padded(batch * peak), padded(batch * mean)
-        return Tokens(1, row, typical_row, source + "; packed", padding_mask=False)
+        mean = float(lengths.get("mean") or typical)
+        row = batch * peak
+        if lengths.get("mean") and batch > 1:
+            # A row is the sum of `batch` random lengths: the mean plus 3 standard deviations of
+            # that sum is exceeded by about one row in 700 (the batch-times-longest-example
+            # bound overstates it by ~40% on the demo data). Older tokenize states have no std:
+            # the p50-p90 spread of a normal distribution stands in for it.
+            std = lengths.get("std")
+            if std is None:
+                std = max(0.0, (float(lengths.get("p90") or mean) - typical) / 1.2816)
+            row = min(row, math.ceil(batch * mean + 3 * float(std) * math.sqrt(batch)))
+        packed = Tokens(1, padded(row), padded(round(batch * mean)), source, padding_mask=False)
+        packed.source += f"; {batch} examples packed per row"
+        return packed
     peak, typical = padded(peak), padded(typical)
     return Tokens(batch, peak, typical, source, padding_mask=batch > 1)
 
@@ -370,21 +389,59 @@ class Adapted:
         return self.layer, _FED_BY.get(self.leaf, self.leaf)
 
 
-def activation_bytes(
+@dataclass(frozen=True)
+class ActivationModel:
+    """What autograd keeps per token of a step, by part, so that any layout can be priced:
+    how many decoder layers are checkpointed, and whether the loss is chunked."""
+
+    layers: int
+    per_layer: float  # one decoder layer without checkpointing (average over the layers)
+    per_layer_per_length: int  # eager attention's probabilities: x the row length, per token
+    ckpt_input: int  # what a checkpointed layer keeps: its input
+    outside: int  # the final norm's input and output
+    logits: int  # the loss in one pass: fp32 logits, their gradient, the gradient passed on
+    layer_backward: int  # the widest gradients while one layer runs backward
+    vocab: int
+    padding_mask: bool  # a (batch, 1, length, length) bool mask: length bytes per token
+    linear_params: int  # frozen weights of one layer's linears (recompute cost: FLOPs / 2)
+    head_params: int  # the output head's (the chunked loss recomputes it)
+
+    def bytes(self, tokens: int, length: int, checkpointed: int, chunking: str) -> int:
+        """Peak activation bytes of a micro-batch of `tokens` (rows of `length`) with the first
+        `checkpointed` layers checkpointed. `chunking`: "off", "threshold" (the chunked loss for
+        micro-batches over its one-pass size: train.chunked_cross_entropy = true) or "always"."""
+        layer = self.per_layer + self.per_layer_per_length * length
+        mask = length if self.padding_mask else 0
+        if chunking == "always" or (chunking == "threshold" and is_chunked(tokens, self.vocab)):
+            loss = min(tokens, chunk_tokens(self.vocab)) * self.logits
+        else:
+            loss = tokens * self.logits
+        kept = self.layers - checkpointed
+        held = tokens * (checkpointed * self.ckpt_input + self.outside + mask)
+        forward_end = held + tokens * kept * layer + loss
+        # A checkpointed layer recomputes in backward after the kept (later) layers are done.
+        recompute = held + tokens * (layer + self.layer_backward) if checkpointed else 0
+        return int(max(forward_end, recompute))
+
+    def recompute_params(self, checkpointed: int, chunked: bool) -> int:
+        """Frozen weights whose matmuls run again in backward: the step's extra work."""
+        return checkpointed * self.linear_params + (self.head_params if chunked else 0)
+
+
+def activation_model(
     config: Any,
     adapted: list[Adapted],
     eight_bit_inputs: list[int],
     precision: Precision,
-    tokens: int,
-    length: int,
     padding_mask: bool,
     attn: str,
     lora_r: int,
     lora_dropout: float,
     use_dora: bool,
-    chunked_loss: bool = False,
-) -> dict[str, int]:
-    """Peak activation bytes of one step, with and without gradient checkpointing.
+    linear_params: int = 0,
+    head_params: int = 0,
+) -> ActivationModel:
+    """The activation model of a LLaMA/GLM-style decoder.
 
     `adapted`: every LoRA-adapted linear in the decoder blocks; `eight_bit_inputs`: in_features
     of every 8-bit linear there. What autograd keeps: a frozen 4-bit (or plain frozen) linear
@@ -409,10 +466,10 @@ def activation_bytes(
         qkv = 3 * q_dim * a  # k and v repeated to every head
     else:
         qkv = (q_dim + 2 * kv_dim) * a
-    probs = heads * length * (4 + a) if attn == "eager" else 0
+    probs = heads * (4 + a) if attn == "eager" else 0  # x the row length
     attn_out = q_dim * a  # kept by the attention kernel's backward
     mlp = 3 * inter * a  # gate/up output (activation and product read it) + the activation
-    per_layer = norms + qkv + probs + attn_out + mlp
+    per_layer = norms + qkv + attn_out + mlp
     lora = 0
     shared: dict[tuple[str, str], int] = {}
     for m in adapted:
@@ -424,21 +481,52 @@ def activation_bytes(
         else:
             shared[m.input_key] = m.in_features * a
     lora += sum(shared.values()) + sum(2 * fin for fin in eight_bit_inputs)
-    layer_total = layers * per_layer + lora
-    one_layer = layer_total / max(layers, 1)
-    outside = 4 * h + a * h  # final norm: fp32 input; its output feeds lm_head
-    logits = vocab * (12 + (a if a != 4 else 0))  # log-softmax output, its grad, the grad it passes
-    if chunked_loss and is_chunked(tokens, vocab):  # train.chunked_cross_entropy: one chunk's
-        logits_total = chunk_tokens(vocab) * logits
-    else:
-        logits_total = tokens * logits
-    mask = length if padding_mask else 0  # bool (batch, 1, length, length) mask, per token
-    layer_backward = (2 * inter + 2 * h) * a  # gradients of one layer's widest tensors
-    no_ckpt = tokens * (layer_total + outside + mask) + logits_total
-    ckpt = tokens * (layers * h * a + outside + mask) + max(
-        logits_total, tokens * (one_layer + layer_backward)
+    return ActivationModel(
+        layers=layers,
+        per_layer=per_layer + lora / max(layers, 1),
+        per_layer_per_length=probs,
+        ckpt_input=h * a,
+        outside=4 * h + a * h,  # final norm: fp32 input; its output feeds lm_head
+        logits=vocab * (12 + (a if a != 4 else 0)),  # log-softmax output, its grad, the grad on
+        layer_backward=(2 * inter + 2 * h) * a,  # gradients of one layer's widest tensors
+        vocab=vocab,
+        padding_mask=padding_mask,
+        linear_params=linear_params,
+        head_params=head_params,
     )
-    return {"no_checkpointing": int(no_ckpt), "checkpointing": int(ckpt)}
+
+
+def activation_bytes(
+    config: Any,
+    adapted: list[Adapted],
+    eight_bit_inputs: list[int],
+    precision: Precision,
+    tokens: int,
+    length: int,
+    padding_mask: bool,
+    attn: str,
+    lora_r: int,
+    lora_dropout: float,
+    use_dora: bool,
+    chunked_loss: bool = False,
+) -> dict[str, int]:
+    """Peak activation bytes of one step, with every layer checkpointed and with none."""
+    model = activation_model(
+        config,
+        adapted,
+        eight_bit_inputs,
+        precision,
+        padding_mask,
+        attn,
+        lora_r,
+        lora_dropout,
+        use_dora,
+    )
+    chunking = "threshold" if chunked_loss else "off"
+    return {
+        "no_checkpointing": model.bytes(tokens, length, 0, chunking),
+        "checkpointing": model.bytes(tokens, length, model.layers, chunking),
+    }
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -450,9 +538,12 @@ def plan_model(
     cuda: bool | None = None,
     bf16_ok: bool | None = None,
     tokens: Tokens | None = None,
+    budget: tuple[int | None, str] | None = None,
 ) -> ModelPlan:
     """Everything `recipe plan --model` prints, from the config alone. `cuda`/`bf16_ok` default
-    to this machine's hardware; `tokens` to the tokenize stage's measured lengths."""
+    to this machine's hardware; `tokens` to the tokenize stage's measured lengths; `budget`
+    (bytes, where it comes from) for the "auto" memory settings to the recipe's
+    train.memory_budget_gib (None there: decided on the GPU)."""
     import torch
     from peft import get_peft_model
 
@@ -561,6 +652,26 @@ def plan_model(
             chunking_wanted(recipe, cuda),
         )
 
+    linear_params = sum(  # one decoder layer's frozen linears: what recomputing it multiplies
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if ".layers.0." in n and "lora_" not in n and isinstance(m, torch.nn.Linear)
+    )
+    head = model.get_output_embeddings()
+    activation = activation_model(
+        config,
+        adapted,
+        eight_bit_inputs,
+        precision,
+        tokens.padding_mask,
+        attn,
+        int(lora_cfg["r"]),
+        float(lora_cfg["lora_dropout"]),
+        bool(lora_cfg["use_dora"]),
+        linear_params=linear_params,
+        head_params=int(head.weight.numel()) if head is not None else 0,
+    )
+
     qdesc = {
         "4bit": (
             f"4-bit {recipe.get('quantization.bnb_4bit_quant_type')}"
@@ -588,6 +699,7 @@ def plan_model(
         runtime=0 if cuda else _CPU_RUNTIME,
         activations=acts(tokens.peak_length),
         activations_typical=acts(tokens.typical_length),
+        model=activation,
     )
     as_written = recipe.get("lora.target_modules")
     if naming == "chatglm":
@@ -610,7 +722,7 @@ def plan_model(
             f"activations use the LLaMA/GLM decoder formula; for {model.config.model_type} "
             "they are a rough guide"
         )
-    return ModelPlan(
+    plan = ModelPlan(
         model_type=str(model.config.model_type),
         naming=naming,
         config_source=source,
@@ -628,8 +740,12 @@ def plan_model(
         checkpointing=bool(recipe.get("train.gradient_checkpointing")),
         optim=optim,
         memory=memory,
+        choice=None,  # type: ignore[arg-type]  # priced from the plan itself, just below
         notes=notes,
     )
+    plan.choice = fit.choose(plan, recipe, cuda, *(budget or fit.recipe_budget(recipe)))
+    plan.checkpointing = plan.choice.layout.checkpointed > 0
+    return plan
 
 
 def _size(n: float) -> str:
@@ -709,23 +825,25 @@ def format_model_plan(plan: ModelPlan) -> list[str]:
         )
     shape = f"{t.batch} x {t.peak_length} tokens"
     lines.append(
-        f"  activations      {_gib(m.activations['checkpointing'])}  with gradient checkpointing; "
-        f"{_size(m.activations['no_checkpointing'])} without ({shape}; {t.source})"
+        f"  activations      {_gib(m.activations['checkpointing'])}  with every layer "
+        f"checkpointed; {_size(m.activations['no_checkpointing'])} with none ({shape}; {t.source})"
     )
-    on = plan.checkpointing
+    layout = plan.choice.layout
+    why = plan.choice.describe() if plan.choice.auto else "as the recipe says"
     lines.append(
-        f"  peak             {_gib(m.peak(on))}  (gradient checkpointing "
-        f"{'on' if on else 'off'}, as the recipe says; "
-        f"{_size(m.peak(not on))} with it {'off' if on else 'on'})"
+        f"  peak             {_gib(layout.peak + m.optimizer_paged)}  ({layout.describe()}; {why})"
     )
     if t.typical_length != t.peak_length:
+        typical = m.fixed() + m.model.bytes(
+            t.batch * t.typical_length, t.typical_length, layout.checkpointed, layout.chunking
+        )
         lines.append(
-            f"  typical step     {_gib(m.peak(on, typical=True))}  "
-            f"({t.batch} x {t.typical_length} tokens, the median length)"
+            f"  typical step     {_gib(typical)}  ({t.batch} x {t.typical_length} tokens, "
+            "the median length)"
         )
     if m.optimizer_paged:
         lines.append(
-            f"  on the GPU heap  {_gib(m.peak(on, device_heap=True))}  "
+            f"  on the GPU heap  {_gib(layout.peak)}  "
             "(torch.cuda.max_memory_allocated counts this; paged state is outside it)"
         )
     lines.extend(f"note: {n}" for n in plan.notes)

@@ -342,7 +342,9 @@ def load_for_training(recipe: Recipe, folder: Path) -> tuple[Any, dict[str, Any]
     check_layers(recipe, model)
     if not torch.cuda.is_available() and (problem := cpu_4bit_problem(recipe, model)):
         raise RecipeError(problem)
-    checkpointing = recipe.get("train.gradient_checkpointing")
+    # true, "auto" and N > 0 switch it on for every layer here; the train stage then picks the
+    # layers (runner/models/fit.py) before it compiles them.
+    checkpointing = bool(recipe.get("train.gradient_checkpointing"))
     if quantization_config(recipe) is not None and upcast_to_fp32(recipe):
         model = prepare_model_for_kbit_training(
             model,

@@ -79,7 +79,9 @@ def versioned_arguments(cfg: dict[str, Any], fields: set[str]) -> dict[str, Any]
         if "activation_checkpointing" in fields
         else "gradient_checkpointing"
     )
-    out[ckpt] = cfg["gradient_checkpointing"]
+    # "auto" and a layer count: the model's layers were set up when it loaded and the train stage
+    # picks them; the Trainer switching checkpointing on would put every layer back.
+    out[ckpt] = cfg["gradient_checkpointing"] is True
     out[f"{ckpt}_kwargs"] = {"use_reentrant": False}
     return out
 
@@ -108,6 +110,9 @@ def training_arguments(ctx: Context, output_dir: str) -> Any:
         data_seed=recipe.seed,
         report_to=[] if cfg["report_to"] == "none" else [cfg["report_to"]],
         include_num_input_tokens_seen="non_padding",
+        # The filter tests each micro-batch's loss for NaN on the CPU: a sync per micro-batch.
+        # Without it a NaN loss is logged as NaN instead of being replaced by the average.
+        logging_nan_inf_filter=False,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,  # runner.progress draws the bar
         remove_unused_columns=False,
@@ -388,6 +393,77 @@ def refuse_impossible_compile(recipe: Recipe, cuda: bool) -> None:
         raise RecipeError(problem)
 
 
+def memory_layout(ctx: Context, model: Any, cuda: bool) -> MemoryPlan:
+    """Which decoder layers are checkpointed and whether the loss is chunked: the recipe's
+    settings, or "auto" resolved against the GPU's memory (runner/models/fit.py). Applied to
+    the model; the line saying what and why is logged."""
+    from runner.models import fit
+    from runner.models.compile import repeated_layers
+    from runner.models.estimate import plan_model
+    from runner.models.load import hardware
+
+    recipe = ctx.recipe
+    plan = None
+    if cuda:
+        try:
+            budget = fit.gpu_budget(recipe)
+            plan = plan_model(recipe, cuda=True, bf16_ok=hardware()[1], budget=budget)
+        except RecipeError as e:
+            if fit.checkpointing_auto(recipe, cuda) or fit.chunking_auto(recipe, cuda):
+                ctx.log(f"train: no memory estimate for this model ({e}); every layer checkpointed")
+    if plan is not None:
+        choice = plan.choice
+        if choice.auto:
+            ctx.log(f"train: {choice.describe()}")
+        layout = choice.layout
+    else:
+        from runner.models.chunked_loss import chunking_wanted
+
+        layers = len(repeated_layers(model))
+        layout = fit.Layout(
+            fit.fixed_checkpointed(recipe, layers),
+            layers,
+            "threshold" if chunking_wanted(recipe, cuda) else "off",
+            0,
+            0,
+        )
+    if problem := fit.apply(model, layout):
+        ctx.log(f"train: {problem}")
+    return MemoryPlan(layout, plan)
+
+
+class MemoryPlan:
+    """The layout a run trains with, and the estimate that priced it (None: not on a GPU)."""
+
+    def __init__(self, layout: Any, plan: Any) -> None:
+        self.layout = layout
+        self.plan = plan
+
+    def measured(self, shapes: set[tuple[int, ...]]) -> dict[str, Any]:
+        """The estimate for the longest micro-batch that trained, beside the planned one, for
+        the train stage's metrics (next to peak_allocated_gib, what torch measured)."""
+        if self.plan is None or not shapes:
+            return {}
+        batch, length = max(shapes, key=lambda s: s[0] * s[-1])[0], max(s[-1] for s in shapes)
+        memory = self.plan.memory
+        layout = self.layout
+        estimate = memory.fixed(device_heap=True) + memory.model.bytes(
+            batch * length, length, layout.checkpointed, layout.chunking
+        )
+        return {
+            "checkpointed_layers": layout.checkpointed,
+            "layers": layout.layers,
+            "loss_chunking": layout.chunking,
+            "planned_tokens": self.plan.tokens.batch * self.plan.tokens.peak_length,
+            "planned_peak_gib": round(layout.peak / 2**30, 3),
+            "longest_batch": [batch, length],
+            "estimated_peak_gib": round(estimate / 2**30, 3),
+            "budget_gib": (
+                round(self.plan.choice.budget / 2**30, 3) if self.plan.choice.budget else None
+            ),
+        }
+
+
 def train(ctx: Context, resume: ResumePoint) -> dict[str, Any]:
     """Train from `resume` (decided before: runner.training.attempts.start_attempt); the
     stage's metrics. Every process of a launched run calls this with the same resume point."""
@@ -396,7 +472,6 @@ def train(ctx: Context, resume: ResumePoint) -> dict[str, Any]:
     from transformers import EarlyStoppingCallback, PrinterCallback
 
     from runner.data.collate import Packed, make_collator
-    from runner.models.chunked_loss import chunking_wanted
     from runner.models.compile import compile_layers, compile_wanted
     from runner.models.load import load_for_training, load_tokenizer
     from runner.models.resolve import materialize
@@ -417,11 +492,12 @@ def train(ctx: Context, resume: ResumePoint) -> dict[str, Any]:
     args = training_arguments(ctx, str(out_dir))
     if model is None:
         model, _ = load_for_training(recipe, folder)
+    memory_plan = memory_layout(ctx, model, cuda)  # before compiling: it picks the layers
     if compile_wanted(recipe, cuda):
         no_ddp_graph_splitting()
         ctx.log(f"train: {compile_layers(model)}")
-    if chunking_wanted(recipe, cuda):
-        ctx.log(f"train: {chunk_the_loss(model)}")
+    if memory_plan.layout.chunked:
+        ctx.log(f"train: {chunk_the_loss(model, always=memory_plan.layout.chunking == 'always')}")
     checkpoint = resume.checkpoint
     data = load_from_disk(str(ctx.path(TOKENIZED)), keep_in_memory=True)
     collator = make_collator(recipe, tok)
@@ -513,6 +589,8 @@ def train(ctx: Context, resume: ResumePoint) -> dict[str, Any]:
             1,
         ),
     }
+    if cuda:
+        metrics["memory_estimate"] = memory_plan.measured(meter.shapes)
     ctx.log(
         f"train: {metrics['global_step']} steps, loss {metrics['first_logged_loss']} -> "
         f"{metrics['last_logged_loss']}"

@@ -86,7 +86,8 @@ SAVE_MODEL = Override(
 TRACK_TOKENS = Override(
     "transformers",
     "transformers.Trainer._track_num_input_tokens",
-    "tokens seen leave a packed row's pad segment out",
+    "tokens seen leave a packed row's pad segment out, and are counted on the CPU (the "
+    "Trainer's count reads a GPU sum back: a sync every micro-batch)",
 )
 N_GPU = Override(
     "transformers",
@@ -188,10 +189,14 @@ class RunnerTrainer(Trainer):  # type: ignore[misc]
     every save_model (fault injection)."""
 
     def __init__(self, *args: Any, meter: Meter, packed: Packed | None = None, **kwargs: Any):
-        for override in (TRAINING_STEP, EVALUATION_LOOP, TRAIN_DATALOADER, SAVE_MODEL):
+        for override in (
+            TRAINING_STEP,
+            EVALUATION_LOOP,
+            TRAIN_DATALOADER,
+            SAVE_MODEL,
+            TRACK_TOKENS,
+        ):
             require(override)
-        if packed is not None:
-            require(TRACK_TOKENS)
         self.meter = meter
         self.packed = packed
         self.balanced: BalancedBatches | None = None
@@ -223,7 +228,13 @@ class RunnerTrainer(Trainer):  # type: ignore[misc]
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> Any:
         """transformers 5 counts "non_padding" tokens from the attention mask, else input_ids
         against the tokenizer's pad id (the runner's Trainer has none: every token, and a warning
-        at every step); a packed batch has no attention mask, so it gets the real-token mask."""
+        at every step); a packed batch has no attention mask, so it gets the real-token mask.
+        The count is a GPU sum read back by the CPU, which waits for the step's backward pass
+        each micro-batch; one process that collated the batch itself has the same count from
+        the collator (the meter's) and adds that instead."""
+        if self.args.world_size == 1 and self.meter.last_real is not None:
+            self.state.num_input_tokens_seen += self.meter.last_real
+            return None
         if self.packed is None:
             return super()._track_num_input_tokens(inputs)
         mask = real_token_mask(inputs, self.packed.pad_id, self.packed.multiple)
@@ -321,11 +332,12 @@ def no_ddp_graph_splitting() -> None:
     torch._dynamo.config.optimize_ddp = False
 
 
-def chunk_the_loss(model: Any) -> str:
+def chunk_the_loss(model: Any, always: bool = False) -> str:
     """Install the chunked loss (runner/models/chunked_loss.py) on `model` (a peft or
     transformers causal LM): the output head's forward passes hidden states through (this
     instance only: weights and names unchanged) and the model's `loss_function` hook applies the
-    head a chunk at a time. A line saying what was done or why not."""
+    head a chunk at a time, to micro-batches over its one-pass size (`always`: over one chunk).
+    A line saying what was done or why not."""
     base = unwrapped(model)
     if problem := chunked_loss.head_problem(base):
         return f"chunked_cross_entropy: off: {problem}"
@@ -333,10 +345,10 @@ def chunk_the_loss(model: Any) -> str:
         stop(LOSS_FUNCTION)
     head = base.get_output_embeddings()
     head.forward = lambda hidden: hidden
-    base.loss_function = chunked_loss.chunked_causal_lm_loss(head)
+    one_pass = chunked_loss.CHUNK_ELEMENTS if always else chunked_loss.ONE_PASS_ELEMENTS
+    base.loss_function = chunked_loss.chunked_causal_lm_loss(head, one_pass)
     vocab = base.config.vocab_size
     return (
         f"chunked_cross_entropy: logits and loss {chunked_loss.chunk_tokens(vocab)} tokens at a "
-        f"time for micro-batches over {chunked_loss.ONE_PASS_ELEMENTS // vocab:,} tokens "
-        f"(vocabulary {vocab:,})"
+        f"time for micro-batches over {one_pass // vocab:,} tokens (vocabulary {vocab:,})"
     )
