@@ -213,6 +213,15 @@ def validate(
     help="Also build the model on the meta device from its config (imports torch, reads "
     "no weights): LoRA targets checked, trainable params, a memory estimate.",
 )
+@click.option(
+    "--gpu-memory",
+    "gpu_memory",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="GIB",
+    help="With --model: estimate for a CUDA GPU with this many GiB free, as if it ran there "
+    '(what the "auto" memory settings would choose; train.memory_budget_gib, when set, '
+    "comes first). Default: this machine's GPU and its free memory, if it has one.",
+)
 @gpus_opt
 @reported
 def plan(
@@ -221,6 +230,7 @@ def plan(
     unsets: tuple[str, ...],
     allow: tuple[Path, ...],
     model: bool,
+    gpu_memory: float | None,
     gpus: int | None,
 ) -> None:
     """Show each stage as done, stale (why) or pending, without running anything."""
@@ -242,12 +252,14 @@ def plan(
     if note:
         click.echo(note)
     if model:
-        from runner.models.estimate import format_model_plan, plan_model
+        from runner.models.estimate import format_model_plan, plan_for
         from runner.quiet import quiet_libraries
 
         quiet_libraries()
-        for line in format_model_plan(plan_model(recipe)):
+        for line in format_model_plan(plan_for(recipe, gpu_memory)):
             click.echo(line)
+    elif gpu_memory is not None:
+        raise click.UsageError("--gpu-memory goes with --model")
 
 
 @cli.command()

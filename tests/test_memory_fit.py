@@ -75,8 +75,7 @@ def test_nothing_fits_says_so(tmp_path: Path, glm: Path) -> None:
     assert p.choice.layout.checkpointed == LAYERS
     assert "nothing fits" in p.choice.describe()
     assert p.choice.describe().endswith(
-        "the step may run out of memory (lower per_device_train_batch_size or "
-        "tokenize.max_length)"
+        "the step may run out of memory (lower per_device_train_batch_size or tokenize.max_length)"
     )
 
 
@@ -113,9 +112,8 @@ def test_auto_on_the_cpu_and_fixed_settings_checkpoint_as_written(
 
 def test_plan_prints_the_choice(tmp_path: Path, glm: Path) -> None:
     recipe = make_recipe(tmp_path, glm, "train.gradient_checkpointing=3")
-    result = CliRunner().invoke(
-        cli, ["plan", str(tmp_path / "recipe.toml"), "--model", "--set", "train.gradient_checkpointing=3"]
-    )
+    args = ["--model", "--set", "train.gradient_checkpointing=3"]
+    result = CliRunner().invoke(cli, ["plan", str(tmp_path / "recipe.toml"), *args])
     assert result.exit_code == 0, result.output
     assert recipe.get("train.gradient_checkpointing") == 3
     line = next(x for x in result.output.splitlines() if x.startswith("  peak"))

@@ -748,6 +748,22 @@ def plan_model(
     return plan
 
 
+def plan_for(recipe: Recipe, gpu_memory: float | None = None) -> ModelPlan:
+    """`recipe plan --model`'s estimate: for this machine (on a GPU, against its free memory),
+    or for a CUDA GPU of `gpu_memory` GiB (train.memory_budget_gib, when set, comes first)."""
+    from runner.models.load import hardware
+
+    budget, source = fit.recipe_budget(recipe)
+    if gpu_memory is not None:
+        if budget is None:
+            budget, source = int(gpu_memory * GiB), f"--gpu-memory {gpu_memory:g}"
+        return plan_model(recipe, cuda=True, bf16_ok=True, budget=(budget, source))
+    cuda, bf16_ok = hardware()
+    if cuda:
+        return plan_model(recipe, cuda=True, bf16_ok=bf16_ok, budget=fit.gpu_budget(recipe))
+    return plan_model(recipe, cuda=False, bf16_ok=bf16_ok)
+
+
 def _size(n: float) -> str:
     """Bytes as GiB from 1 GiB up, else MiB (KiB under 0.1 MiB)."""
     if n >= GiB:
@@ -829,10 +845,8 @@ def format_model_plan(plan: ModelPlan) -> list[str]:
         f"checkpointed; {_size(m.activations['no_checkpointing'])} with none ({shape}; {t.source})"
     )
     layout = plan.choice.layout
-    why = plan.choice.describe() if plan.choice.auto else "as the recipe says"
-    lines.append(
-        f"  peak             {_gib(layout.peak + m.optimizer_paged)}  ({layout.describe()}; {why})"
-    )
+    why = plan.choice.describe() if plan.choice.auto else f"{layout.describe()}; as the recipe says"
+    lines.append(f"  peak             {_gib(layout.peak + m.optimizer_paged)}  ({why})")
     if t.typical_length != t.peak_length:
         typical = m.fixed() + m.model.bytes(
             t.batch * t.typical_length, t.typical_length, layout.checkpointed, layout.chunking
