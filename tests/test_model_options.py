@@ -404,13 +404,13 @@ def test_chunked_loss_caps_the_logits_in_the_estimate(
         return int(plan.memory.activations["no_checkpointing"])
 
     assert acts(2, "true") == acts(2, "false")  # 100 tokens: one pass
-    # Worked by hand, per token of the vocabulary of 96: the bf16 logits (2 bytes), their fp32
-    # copy, the log-softmax output and its gradient (4 bytes each) = 14 bytes, 1,344 a token.
-    # 8 rows of 50 = 400 tokens: plain 400 x 1,344 = 537,600 bytes; chunked one chunk of 50
-    # tokens = 67,200; the difference 470,400. 16 rows: 1,075,200 - 67,200 = 1,008,000.
-    assert acts(8, "false") - acts(8, "true") == 470_400
-    assert acts(16, "false") - acts(16, "true") == 1_008_000
-    assert acts(16, "true") - acts(8, "true") == acts(16, "false") - acts(8, "false") - 537_600
+    # Worked by hand, per token of the vocabulary of 96: the fp32 log-softmax output, its
+    # gradient and the gradient passed on (4 bytes each) = 12 bytes, 1,152 a token.
+    # 8 rows of 50 = 400 tokens: plain 400 x 1,152 = 460,800 bytes; chunked one chunk of 50
+    # tokens = 57,600; the difference 403,200. 16 rows: 921,600 - 57,600 = 864,000.
+    assert acts(8, "false") - acts(8, "true") == 403_200
+    assert acts(16, "false") - acts(16, "true") == 864_000
+    assert acts(16, "true") - acts(8, "true") == acts(16, "false") - acts(8, "false") - 460_800
     assert acts(8, "auto") == acts(8, "true")  # with CUDA
 
 

@@ -45,6 +45,7 @@ from runner.data.collate import pad_multiple
 from runner.errors import RecipeError
 from runner.models import fit
 from runner.models.chunked_loss import chunk_tokens, chunking_wanted, is_chunked
+from runner.models.compile import compile_wanted
 from runner.precision import Hardware
 from runner.precision import for_recipe as resolve_precision
 from runner.recipe import Recipe
@@ -440,6 +441,7 @@ def activation_model(
     use_dora: bool,
     linear_params: int = 0,
     head_params: int = 0,
+    compiled: bool = False,
 ) -> ActivationModel:
     """The activation model of a LLaMA/GLM-style decoder.
 
@@ -449,6 +451,12 @@ def activation_model(
     LoRA keeps its A input (the layer's input itself, shared by the layers it feeds, or with
     lora_dropout > 0 the dropout output and mask per layer; a half-precision copy per layer
     under autocast with an fp32 stream) and its rank-r A output.
+
+    `compiled` (train.torch_compile): inductor recomputes elementwise results in backward from
+    what they were computed from, so a compiled layer keeps less: the MLP its gate/up output
+    (not the activation), and each LoRA dropout a one-byte mask, with its input kept once per
+    tensor it reads (the down projection's input, the MLP's product, then counts here). On
+    ChatGLM3-6B's shape this matched the measured per-layer figure to 0.2% (BENCHMARKS.md).
     """
     layers = int(config.num_hidden_layers)
     h = int(config.hidden_size)
@@ -469,12 +477,18 @@ def activation_model(
     probs = heads * (4 + a) if attn == "eager" else 0  # x the row length
     attn_out = q_dim * a  # kept by the attention kernel's backward
     mlp = 3 * inter * a  # gate/up output (activation and product read it) + the activation
+    if compiled:
+        mlp = 2 * inter * a  # the activation is recomputed from the gate/up output
+        attn_out += heads * 4 if attn == "flex_attention" else 0  # + the log-sum-exp, fp32
     per_layer = norms + qkv + attn_out + mlp
     lora = 0
     shared: dict[tuple[str, str], int] = {}
     for m in adapted:
         lora += lora_r * half + (m.out_features * a if use_dora else 0)
-        if precision.autocast and a == 4:
+        if compiled and not (precision.autocast and a == 4):
+            lora += m.in_features if lora_dropout > 0 else 0  # the dropout mask
+            shared[m.input_key] = m.in_features * a  # the input, read again in backward
+        elif precision.autocast and a == 4:
             lora += m.in_features * (2 + (1 if lora_dropout > 0 else 0))
         elif lora_dropout > 0:
             lora += m.in_features * (a + 1)  # dropout output + its mask
@@ -487,7 +501,10 @@ def activation_model(
         per_layer_per_length=probs,
         ckpt_input=h * a,
         outside=4 * h + a * h,  # final norm: fp32 input; its output feeds lm_head
-        logits=vocab * (12 + (a if a != 4 else 0)),  # log-softmax output, its grad, the grad on
+        # fp32 log-softmax output, its gradient and the gradient passed on: on an H100 the step
+        # measured ~11 bytes a logit in bf16 (BENCHMARKS.md, "auto"), and the half-precision
+        # logits do not add to the peak
+        logits=vocab * 12,
         layer_backward=(2 * inter + 2 * h) * a,  # gradients of one layer's widest tensors
         vocab=vocab,
         padding_mask=padding_mask,
@@ -670,6 +687,7 @@ def plan_model(
         bool(lora_cfg["use_dora"]),
         linear_params=linear_params,
         head_params=int(head.weight.numel()) if head is not None else 0,
+        compiled=compile_wanted(recipe, cuda),
     )
 
     qdesc = {
