@@ -6,6 +6,10 @@
 #
 #   bash bench/wheels.sh [DEST]      # DEST defaults to /work/main/.whl (git-ignored there)
 #
+# .whl/ is ignored by git (add `/.whl/` to .git/info/exclude), so the device call must name it:
+# carry = [".whl"]; without it the folder does not travel and pip finds no wheels there.
+# The whole GPU benchmark, one call (~8 minutes on an H100; BENCHMARKS.md, engine v2):
+#   python3 bench/gpu.py --variants runner-allckpt,runner,runner-fullgpu,runner-v1 --out $OUT
 # On the device, first thing in the command (README of the device tool, Notes):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH

@@ -57,9 +57,9 @@ def test_chunked_loss_equals_the_models_own(
     calls: list[int] = []
     decide = chunked_loss.is_chunked
 
-    def counted(tokens: int, vocab_size: int) -> bool:
+    def counted(tokens: int, vocab_size: int, one_pass: int | None = None) -> bool:
         calls.append(tokens)
-        return decide(tokens, vocab_size)
+        return decide(tokens, vocab_size, one_pass)
 
     monkeypatch.setattr(chunked_loss, "is_chunked", counted)
     import torch.utils.checkpoint as ckpt
