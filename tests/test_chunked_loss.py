@@ -41,11 +41,15 @@ def loss_and_grads(model: Any, **extra: Any) -> tuple[float, list[Any]]:
     return float(out.loss.detach()), grads
 
 
-@pytest.mark.parametrize(("items", "one_pass"), [(None, 8), (50, 8), (None, 1000)])
+@pytest.mark.parametrize(
+    ("items", "one_pass", "always"),
+    [(None, 8, False), (50, 8, False), (None, 1000, False), (None, 1000, True)],
+)
 def test_chunked_loss_equals_the_models_own(
-    monkeypatch: pytest.MonkeyPatch, items: Any, one_pass: int
+    monkeypatch: pytest.MonkeyPatch, items: Any, one_pass: int, always: bool
 ) -> None:
-    """80 tokens a batch: over `one_pass` in chunks of 7 (recomputed), else in one pass."""
+    """80 tokens a batch: over `one_pass` in chunks of 7 (recomputed), else in one pass;
+    `always` (the "auto" memory layout's choice): in chunks whatever the one-pass size."""
     from runner.models import chunked_loss
 
     extra = {} if items is None else {"num_items_in_batch": torch.tensor(items)}
@@ -74,15 +78,15 @@ def test_chunked_loss_equals_the_models_own(
     monkeypatch.setattr(ckpt, "checkpoint", checkpoint)
     from runner.training.trainer import chunk_the_loss
 
-    assert chunk_the_loss(chunked) == (
+    assert chunk_the_loss(chunked, always=always) == (
         "chunked_cross_entropy: logits and loss 7 tokens at a time for micro-batches over "
-        f"{one_pass:,} tokens (vocabulary {vocab:,})"
+        f"{7 if always else one_pass:,} tokens (vocabulary {vocab:,})"
     )
     loss, grads = loss_and_grads(plain, **extra)
     closs, cgrads = loss_and_grads(chunked, **extra)
     assert closs == pytest.approx(loss, rel=1e-6)
     assert calls == [80]  # the flattened batch
-    assert len(recomputed) == (math.ceil(80 / 7) if one_pass < 80 else 0)
+    assert len(recomputed) == (math.ceil(80 / 7) if always or one_pass < 80 else 0)
     assert len(grads) == len(cgrads) > 0
     for g, c in zip(grads, cgrads, strict=True):
         assert torch.allclose(g, c, rtol=1e-5, atol=1e-7)
