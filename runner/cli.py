@@ -234,6 +234,8 @@ def plan(
     gpus: int | None,
 ) -> None:
     """Show each stage as done, stale (why) or pending, without running anything."""
+    if gpu_memory is not None and not model:
+        raise click.UsageError("--gpu-memory estimates the model's memory: add --model")
     from runner.models.resolve import remote_code_note
     from runner.plan import compute_plan
     from runner.report.data_metrics import mix_plan_lines
@@ -258,8 +260,6 @@ def plan(
         quiet_libraries()
         for line in format_model_plan(plan_for(recipe, gpu_memory)):
             click.echo(line)
-    elif gpu_memory is not None:
-        raise click.UsageError("--gpu-memory goes with --model")
 
 
 @cli.command()

@@ -153,3 +153,27 @@ def test_apply_switches_checkpointing_per_layer(tmp_path: Path, glm: Path) -> No
     assert len(some) == len(every) == 4 * 6
     for a, b in zip(some, every, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_gpu_memory_needs_model(tmp_path: Path, glm: Path) -> None:
+    make_recipe(tmp_path, glm)
+    result = CliRunner().invoke(cli, ["plan", str(tmp_path / "recipe.toml"), "--gpu-memory", "24"])
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == (
+        "Error: --gpu-memory estimates the model's memory: add --model"
+    )
+
+
+def test_plan_for_a_gpu_of_a_given_size(tmp_path: Path, glm: Path) -> None:
+    """--gpu-memory plans the CUDA path on a machine without one; the recipe's budget wins."""
+    make_recipe(tmp_path, glm)
+    recipe = str(tmp_path / "recipe.toml")
+    result = CliRunner().invoke(cli, ["plan", recipe, "--model", "--gpu-memory", "24"])
+    assert result.exit_code == 0, result.output
+    assert "memory estimate (cuda, compute bfloat16" in result.output
+    peak = next(x for x in result.output.splitlines() if x.startswith("  peak"))
+    assert "(--gpu-memory 24, less 10%)" in peak
+    args = ["--model", "--gpu-memory", "24", "--set", "train.memory_budget_gib=8"]
+    result = CliRunner().invoke(cli, ["plan", recipe, *args])
+    peak = next(x for x in result.output.splitlines() if x.startswith("  peak"))
+    assert "(train.memory_budget_gib = 8, less 10%)" in peak
