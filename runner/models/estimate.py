@@ -44,7 +44,7 @@ from typing import Any
 from runner.data.collate import pad_multiple
 from runner.errors import RecipeError
 from runner.models import fit
-from runner.models.chunked_loss import chunk_tokens, chunking_wanted, is_chunked
+from runner.models.chunked_loss import chunk_tokens, chunking_wanted, head_problem, is_chunked
 from runner.models.compile import compile_wanted
 from runner.precision import Hardware
 from runner.precision import for_recipe as resolve_precision
@@ -149,6 +149,7 @@ class ModelPlan:
     memory: Memory
     choice: fit.Choice  # the layout: as the recipe says, or "auto" resolved (models/fit.py)
     notes: list[str] = field(default_factory=list)
+    chunkable: bool = True  # the chunked loss can be installed (a plain, frozen output head)
 
     def as_json(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -761,6 +762,7 @@ def plan_model(
         choice=None,  # type: ignore[arg-type]  # priced from the plan itself, just below
         notes=notes,
     )
+    plan.chunkable = head_problem(model) is None
     plan.choice = fit.choose(plan, recipe, cuda, *(budget or fit.recipe_budget(recipe)))
     plan.checkpointing = plan.choice.layout.checkpointed > 0
     return plan

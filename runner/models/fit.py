@@ -126,7 +126,9 @@ def candidates(plan: ModelPlan, recipe: Recipe, cuda: bool) -> list[Layout]:
     else:
         ns = [fixed_checkpointed(recipe, layers)]
     # chunked_cross_entropy = true keeps its one-pass size; "auto" chunks every micro-batch
-    if chunking_auto(recipe, cuda):
+    if not plan.chunkable:  # the loss cannot be chunked for this model (the run says why)
+        chunkings = ["off"]
+    elif chunking_auto(recipe, cuda):
         chunkings = ["off", "always"]
     elif chunking_wanted(recipe, cuda):
         chunkings = ["threshold"]
