@@ -15,7 +15,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner import faults, profiling
 from runner.checkpoints import (
@@ -35,6 +35,10 @@ from runner.rundir import LOG_HISTORY, LOGS, STOP_FILE, TENSORBOARD, TOKENIZED, 
 from runner.state import is_disk_full, path_size, write_json_atomic
 from runner.throughput import Meter, counting
 from runner.training.attempts import read_attempt, write_attempt
+
+if TYPE_CHECKING:
+    from runner.models.estimate import ModelPlan
+    from runner.models.fit import Layout
 
 
 @dataclass(frozen=True)
@@ -432,12 +436,12 @@ def memory_layout(ctx: Context, model: Any, cuda: bool) -> MemoryPlan:
     return MemoryPlan(layout, plan)
 
 
+@dataclass(frozen=True)
 class MemoryPlan:
     """The layout a run trains with, and the estimate that priced it (None: not on a GPU)."""
 
-    def __init__(self, layout: Any, plan: Any) -> None:
-        self.layout = layout
-        self.plan = plan
+    layout: Layout
+    plan: ModelPlan | None
 
     def measured(self, shapes: set[tuple[int, ...]]) -> dict[str, Any]:
         """The estimate for the longest micro-batch that trained, beside the planned one, for
