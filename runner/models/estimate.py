@@ -514,39 +514,6 @@ def activation_model(
     )
 
 
-def activation_bytes(
-    config: Any,
-    adapted: list[Adapted],
-    eight_bit_inputs: list[int],
-    precision: Precision,
-    tokens: int,
-    length: int,
-    padding_mask: bool,
-    attn: str,
-    lora_r: int,
-    lora_dropout: float,
-    use_dora: bool,
-    chunked_loss: bool = False,
-) -> dict[str, int]:
-    """Peak activation bytes of one step, with every layer checkpointed and with none."""
-    model = activation_model(
-        config,
-        adapted,
-        eight_bit_inputs,
-        precision,
-        padding_mask,
-        attn,
-        lora_r,
-        lora_dropout,
-        use_dora,
-    )
-    chunking = "threshold" if chunked_loss else "off"
-    return {
-        "no_checkpointing": model.bytes(tokens, length, 0, chunking),
-        "checkpointing": model.bytes(tokens, length, model.layers, chunking),
-    }
-
-
 # ----------------------------------------------------------------------------- the plan
 
 
@@ -654,22 +621,6 @@ def plan_model(
     lora_cfg = recipe.section("lora")
     attn = recipe.get("model.attn_implementation")
 
-    def acts(length: int) -> dict[str, int]:
-        return activation_bytes(
-            config,
-            adapted,
-            eight_bit_inputs,
-            precision,
-            tokens.batch * length,
-            length,
-            tokens.padding_mask,
-            attn,
-            int(lora_cfg["r"]),
-            float(lora_cfg["lora_dropout"]),
-            bool(lora_cfg["use_dora"]),
-            chunking_wanted(recipe, cuda),
-        )
-
     linear_params = sum(  # one decoder layer's frozen linears: what recomputing it multiplies
         m.weight.numel()
         for n, m in model.named_modules()
@@ -690,6 +641,15 @@ def plan_model(
         head_params=int(head.weight.numel()) if head is not None else 0,
         compiled=compile_wanted(recipe, cuda),
     )
+    chunking = "threshold" if chunking_wanted(recipe, cuda) else "off"
+
+    def acts(length: int) -> dict[str, int]:
+        """Every layer checkpointed and none, the loss as chunked_cross_entropy = true does."""
+        n = tokens.batch * length
+        return {
+            "no_checkpointing": activation.bytes(n, length, 0, chunking),
+            "checkpointing": activation.bytes(n, length, activation.layers, chunking),
+        }
 
     qdesc = {
         "4bit": (
