@@ -25,6 +25,19 @@ def cli(*args: str) -> tuple[int, str]:
     return done.exit_code, done.output
 
 
+def files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def validate_and_plan(out: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The export, from its own folder: it validates and plans; the plan's output."""
+    monkeypatch.chdir(out)
+    assert cli("validate", "recipe.toml") == (0, "recipe.toml: ok\n")
+    code, plan = cli("plan", "recipe.toml")
+    assert code == 0, plan
+    return plan
+
+
 def export_recipe(recipe_file: Path, out: Path, *sets: str, allow: tuple[str, ...] = ()) -> str:
     out.mkdir(parents=True)
     recipe = load_recipe(recipe_file, sets, allow=allow)
@@ -39,15 +52,12 @@ def test_a_chat_recipe_on_its_own_texts_runs_again_from_its_export(
     out = tmp_path / "export"
     text = export_recipe(ROOT / "recipes" / "chat-tiny.toml", out)
     assert 'corpus = "train"' in text
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+    assert files(out) == [
         "inputs/data/chat-demo/dev.jsonl",
         "inputs/data/chat-demo/train.jsonl",
         "recipe.toml",
     ]
-    monkeypatch.chdir(out)
-    assert cli("validate", "recipe.toml") == (0, "recipe.toml: ok\n")
-    code, plan = cli("plan", "recipe.toml")
-    assert code == 0, plan
+    validate_and_plan(out, monkeypatch)
 
 
 def test_the_shipped_tiny_recipe_runs_again_from_its_export(
@@ -63,7 +73,7 @@ def test_the_shipped_tiny_recipe_runs_again_from_its_export(
     assert 'corpus = "./inputs/data/adgen-demo/pretrain.jsonl"' in text
     assert 'path = "./inputs/data/adgen-demo"' in text
     assert 'prompt_file = "./inputs/templates/adgen_prompt.j2"' in text
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+    assert files(out) == [
         "inputs/data/adgen-demo/dev.jsonl",  # only the files the loader reads (no README.md)
         "inputs/data/adgen-demo/pretrain.jsonl",
         "inputs/data/adgen-demo/train.jsonl",
@@ -71,10 +81,7 @@ def test_the_shipped_tiny_recipe_runs_again_from_its_export(
         "inputs/templates/adgen_response.j2",
         "recipe.toml",
     ]
-    monkeypatch.chdir(out)
-    assert cli("validate", "recipe.toml") == (0, "recipe.toml: ok\n")
-    code, plan = cli("plan", "recipe.toml")
-    assert code == 0, plan
+    plan = validate_and_plan(out, monkeypatch)
     assert f"run dir {out.resolve() / 'runs' / 'adgen-tiny'}" in plan
     # the same built-in model: the tiny model is keyed by its settings and corpus content
     original = load_recipe(ROOT / "recipes" / "adgen-tiny.toml")

@@ -367,8 +367,13 @@ def write_demo_dataset(out_dir: str | Path) -> dict[str, int]:
         "dev.jsonl": generate_records(DEV_ROWS, DEV_SEED),
         "pretrain.jsonl": generate_pretrain_rows(PRETRAIN_ROWS, PRETRAIN_SEED),
     }
+    return write_files(out, files)
+
+
+def write_files(out_dir: str | Path, files: Mapping[str, list[Any]]) -> dict[str, int]:
+    """Each `files` entry (a relative path: its rows) as JSONL under `out_dir`; row counts."""
     for name, rows in files.items():
-        write_jsonl(out / name, rows)
+        write_jsonl(Path(out_dir) / name, rows)
     return {name: len(rows) for name, rows in files.items()}
 
 

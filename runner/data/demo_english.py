@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runner.data.demo import write_jsonl
+from runner.data.demo import write_files
 
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "grey")
 MATERIALS = ("wood", "glass", "metal", "cotton", "wool", "leather", "paper", "stone")
@@ -251,10 +251,7 @@ def shipped_files() -> dict[str, list[dict[str, Any]]]:
 
 def write_english_demos(out_dir: str | Path) -> dict[str, int]:
     """Write the alpaca-demo and chat-demo files under ``out_dir``; return row counts."""
-    files = shipped_files()
-    for name, rows in files.items():
-        write_jsonl(Path(out_dir) / name, rows)
-    return {name: len(rows) for name, rows in files.items()}
+    return write_files(out_dir, shipped_files())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

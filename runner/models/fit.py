@@ -88,22 +88,20 @@ class Choice:
         return f"{settings}: {self.layout.describe()}: {est} of {room}"
 
 
+def _decided_by_memory(recipe: Recipe, key: str, cuda: bool) -> bool:
+    """train.<key> = "auto" left to the memory budget: on CUDA, not under FSDP (the estimate
+    does not model sharded weights); elsewhere "auto" has its fixed meaning."""
+    return recipe.get(f"train.{key}") == "auto" and cuda and recipe.get("launch.strategy") != "fsdp"
+
+
 def checkpointing_auto(recipe: Recipe, cuda: bool) -> bool:
-    """gradient_checkpointing = "auto" decided by memory: on CUDA, not under FSDP (the estimate
-    does not model sharded weights); elsewhere "auto" checkpoints every layer."""
-    return (
-        recipe.get("train.gradient_checkpointing") == "auto"
-        and cuda
-        and recipe.get("launch.strategy") != "fsdp"
-    )
+    """gradient_checkpointing = "auto" decided by memory (elsewhere: every layer)."""
+    return _decided_by_memory(recipe, "gradient_checkpointing", cuda)
 
 
 def chunking_auto(recipe: Recipe, cuda: bool) -> bool:
-    return (
-        recipe.get("train.chunked_cross_entropy") == "auto"
-        and cuda
-        and recipe.get("launch.strategy") != "fsdp"
-    )
+    """chunked_cross_entropy = "auto" decided by memory (elsewhere: off)."""
+    return _decided_by_memory(recipe, "chunked_cross_entropy", cuda)
 
 
 def fixed_checkpointed(recipe: Recipe, layers: int) -> int:
