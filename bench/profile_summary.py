@@ -36,7 +36,34 @@ def total(intervals: list[tuple[float, float]]) -> float:
     return sum(end - start for start, end in intervals)
 
 
-def summarize(path: Path, gaps_shown: int) -> None:
+# Kernel-name fragments -> a family, first match wins: where a step's GPU time goes at a glance.
+FAMILIES = (
+    ("nccl", "communication"),
+    ("flex", "attention"),
+    ("triton_tem", "attention"),  # inductor's templates here are FlexAttention's kernels
+    ("attention", "attention"),
+    ("fmha", "attention"),
+    ("dequant", "nf4 dequantize"),
+    ("gemm", "matmul"),
+    ("gemv", "matmul"),
+    ("sm90_xmma", "matmul"),
+    ("cutlass", "matmul"),
+    ("nvjet", "matmul"),
+    ("adam", "optimizer"),
+    ("softmax", "loss (softmax, nll)"),
+    ("nll_loss", "loss (softmax, nll)"),
+    ("triton", "compiled elementwise (triton)"),
+    ("elementwise", "eager elementwise"),
+    ("reduce", "eager reductions"),
+)
+
+
+def family(kernel: str) -> str:
+    lowered = kernel.lower()
+    return next((f for fragment, f in FAMILIES if fragment in lowered), "other")
+
+
+def summarize(path: Path, gaps_shown: int, kernels_shown: int = 8) -> None:
     with gzip.open(path, "rt") as f:
         events: list[dict[str, Any]] = [
             e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e
@@ -68,8 +95,17 @@ def summarize(path: Path, gaps_shown: int) -> None:
     for e in events:
         if e.get("cat") == "kernel":
             kernels[e["name"][:70]] += e["dur"]
-    for name, t in sorted(kernels.items(), key=lambda kv: -kv[1])[:8]:
+    for name, t in sorted(kernels.items(), key=lambda kv: -kv[1])[:kernels_shown]:
         print(f"    {t / 1e3:9.1f} ms  {name}")
+    families: dict[str, float] = defaultdict(float)
+    for name, t in kernels.items():
+        families[family(name)] += t
+    print(
+        "  kernel time by family: "
+        + ", ".join(
+            f"{n} {t / 1e3:.1f} ms" for n, t in sorted(families.items(), key=lambda kv: -kv[1])
+        )
+    )
     idle = [(a[1], b[0]) for a, b in itertools.pairwise(busy)]  # busy is merged: all gaps
     idle.sort(key=lambda g: g[0] - g[1])
     cpu = [e for e in events if e.get("cat") in CPU]
@@ -89,9 +125,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("traces", nargs="+", type=Path)
     parser.add_argument("--gaps", type=int, default=8, help="how many idle gaps to show")
+    parser.add_argument("--kernels", type=int, default=8, help="how many kernels to show")
     args = parser.parse_args()
     for path in args.traces:
-        summarize(path, args.gaps)
+        summarize(path, args.gaps, args.kernels)
 
 
 if __name__ == "__main__":

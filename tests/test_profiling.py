@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.profile_summary import summarize  # noqa: E402
+from bench.profile_summary import family, summarize  # noqa: E402
 from runner import profiling  # noqa: E402
 
 
@@ -74,3 +74,16 @@ def test_summary_splits_busy_idle_and_communication(
         "not overlapped by compute 2.0 ms"
     ) in out
     assert "2.0 ms at +    6.0 ms: cudaStreamSynchronize 2.0" in out
+    assert "kernel time by family: matmul 6.0 ms, communication 3.0 ms" in out
+
+
+def test_kernel_families_first_match_wins() -> None:
+    assert family("triton_tem_fused_flex_attention_backward_0") == "attention"
+    assert family("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>") == "nf4 dequantize"
+    assert family("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == (
+        "compiled elementwise (triton)"
+    )
+    assert family("void at::native::vectorized_elementwise_kernel<4, ...>") == "eager elementwise"
+    assert family("nvjet_tst_128x256_64x4_1x2_h_bz_coopB_TNN") == "matmul"
+    assert family("void at::native::cunn_SoftMaxForward<4, float, float>") == "loss (softmax, nll)"
+    assert family("memcpy32_post") == "other"
