@@ -132,7 +132,17 @@ STAGES: tuple[Stage, ...] = (
         reads=("recipe.seed", "compare"),
         upstream=("save", "tokenize"),
         outputs=(COMPARE_TABLE, COMPARE_ROWS, REPORT),
-        libraries=("torch", "transformers", "peft", "bitsandbytes"),
+        # the scorers too (runner/report/metrics.py): a new version may score differently
+        libraries=(
+            "torch",
+            "transformers",
+            "peft",
+            "bitsandbytes",
+            "jieba",
+            "nltk",
+            "rouge-chinese",
+            "sacrebleu",
+        ),
     ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)

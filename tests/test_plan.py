@@ -75,6 +75,23 @@ def test_changed_data_file_is_named(small_recipe: Path) -> None:
     assert reasons == ["changed inputs: dataset.files.data/train.jsonl"]
 
 
+def test_a_new_scorer_version_reruns_compare_alone(
+    small_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mark_done(small_recipe)
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(
+        metadata, "version", lambda name: "99.0" if name == "sacrebleu" else real(name)
+    )
+    st = statuses(small_recipe)
+    assert {n: s for n, (s, _) in st.items() if s != "done"} == {"compare": "stale"}
+    assert st["compare"][1] == [
+        f"library versions changed: sacrebleu '{real('sacrebleu')}' -> '99.0'"
+    ]
+
+
 def test_missing_output_makes_stage_stale(small_recipe: Path) -> None:
     mark_done(small_recipe)
     recipe = load_recipe(small_recipe)
