@@ -26,7 +26,9 @@ multi-GPU runs (--gpus, --fsdp) one after another on all of them.
 
 --profile STEP[:STEPS] records those optimizer steps of every run with torch.profiler
 (RECIPE_PROFILE, runner/profiling.py); `python bench/profile_summary.py RUN/logs/profile-rank*`
-then says where the time went (GPU busy, NCCL, idle gaps and the CPU calls during them).
+then says where the time went (GPU busy, NCCL, idle gaps and the CPU calls during them). A
+profiled run's tokens/s include the profiler's overhead and the trace's export: take speed
+figures from a run without --profile.
 
 --smoke runs a tiny model on the CPU to check the flow. FlexAttention has no backward on the
 CPU, so there a flex configuration runs sdpa with its own pad_to_multiple_of (the numerics
@@ -386,7 +388,8 @@ def main() -> None:
         default="",
         metavar="STEP[:STEPS]",
         help="record these optimizer steps of every run with torch.profiler (RECIPE_PROFILE); "
-        "bench/profile_summary.py reads the traces (run dir logs/profile-rank*.json.gz)",
+        "bench/profile_summary.py reads the traces (run dir logs/profile-rank*.json.gz); the "
+        "run's tokens/s then include the profiler's overhead",
     )
     parser.add_argument("--no-tutorial", action="store_true", help="skip the tutorial row")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
