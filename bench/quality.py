@@ -146,49 +146,22 @@ def train_run(args: list[str], env: dict[str, str]) -> tuple[float, str]:
     return time.perf_counter() - t0, done.stdout + done.stderr
 
 
-def heldout_loss(model: Any, collate: Any, rows: list[dict[str, Any]]) -> float:
-    """Mean loss per trained token (the compare stage's measure) on all `rows`."""
-    import torch
-
-    from runner.data.collate import IGNORE_INDEX
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(rows), 8):
-            batch = collate(rows[start : start + 8])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            labels = batch["labels"][:, 1:]
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    logits.logits[:, :-1].float().reshape(-1, logits.logits.shape[-1]),
-                    labels.reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-            )
-            count += int((labels != IGNORE_INDEX).sum())
-    return total / count
-
-
 def evaluate(runs: list[dict[str, Any]], common: dict[str, str]) -> float | None:
     """Every run's kept checkpoints on its dev rows (fills run["losses"]); the base's loss."""
     from datasets import load_from_disk
     from peft import PeftModel, set_peft_model_state_dict
     from peft.utils import load_peft_weights
-    from transformers import DataCollatorForSeq2Seq
 
     from runner.checkpoints import checkpoints
-    from runner.data.collate import IGNORE_INDEX
     from runner.models.load import load_base, load_tokenizer
     from runner.models.resolve import materialize
     from runner.recipe import load_recipe
     from runner.rundir import CHECKPOINTS, TOKENIZED
+    from runner.stages.compare import mean_token_loss
 
     recipe = load_recipe(ROOT / TINY, [f"{k}={v}" for k, v in common.items()])
     folder = materialize(recipe, print)
     tok = load_tokenizer(folder)
-    tok.padding_side = "right"
-    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX)
     model: Any = None
     base = None
     for run in runs:
@@ -207,12 +180,12 @@ def evaluate(runs: list[dict[str, Any]], common: dict[str, str]) -> float | None
             if model is None:
                 model = PeftModel.from_pretrained(load_base(recipe, folder), str(path)).eval()
                 with model.disable_adapter():
-                    base = heldout_loss(model, collate, rows)
+                    base = mean_token_loss(model, tok, rows)
             else:
                 result: Any = set_peft_model_state_dict(model, load_peft_weights(str(path)))
                 if [k for k in result.missing_keys if "lora_" in k] or result.unexpected_keys:
                     sys.exit(f"{path}: the adapter does not match the first run's")
-            run["losses"].append(round(heldout_loss(model, collate, rows), 5))
+            run["losses"].append(round(mean_token_loss(model, tok, rows), 5))
             print(f"  {run['label']} seed {run['seed']} step {step}: {run['losses'][-1]:.4f}")
     return base
 
@@ -346,15 +319,10 @@ def main() -> int:
 
 
 def versions() -> dict[str, str]:
-    from importlib import metadata
+    from runner.plan import library_versions
 
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "datasets"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    names = ("torch", "transformers", "peft", "bitsandbytes", "datasets")
+    return {"python": sys.version.split()[0], **library_versions(names)}
 
 
 if __name__ == "__main__":

@@ -43,10 +43,7 @@ def plan(tmp_path: Path, glm: Path, budget: float | None, *sets: str, cuda: bool
 
 def peak(p: Any, checkpointed: int, chunking: str = "off") -> int:
     t = p.tokens
-    return int(
-        p.memory.fixed(device_heap=True)
-        + p.memory.model.bytes(t.batch * t.peak_length, t.peak_length, checkpointed, chunking)
-    )
+    return int(p.memory.step(t.batch * t.peak_length, t.peak_length, checkpointed, chunking, True))
 
 
 def test_auto_keeps_as_many_layers_as_the_budget_allows(tmp_path: Path, glm: Path) -> None:

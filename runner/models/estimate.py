@@ -105,7 +105,6 @@ class Memory:
     dequant_transient: int
     runtime: int  # the framework's own working memory (CPU only; see _CPU_RUNTIME)
     activations: dict[str, int]  # "checkpointing" / "no_checkpointing" at the peak length
-    activations_typical: dict[str, int]
 
     model: ActivationModel  # prices any layout (runner/models/fit.py)
 
@@ -122,10 +121,17 @@ class Memory:
             - (self.optimizer_paged if device_heap else 0)
         )
 
-    def peak(self, checkpointing: bool, typical: bool = False, device_heap: bool = False) -> int:
-        acts = self.activations_typical if typical else self.activations
+    def peak(self, checkpointing: bool, device_heap: bool = False) -> int:
+        """At the longest row, every layer checkpointed or none (the loss as the recipe says)."""
         key = "checkpointing" if checkpointing else "no_checkpointing"
-        return self.fixed(device_heap) + acts[key]
+        return self.fixed(device_heap) + self.activations[key]
+
+    def step(
+        self, tokens: int, length: int, checkpointed: int, chunking: str, device_heap: bool = False
+    ) -> int:
+        """Peak bytes of a step of `tokens` (rows of `length`) in a layout: the first
+        `checkpointed` layers checkpointed, the loss chunked as `chunking` says."""
+        return self.fixed(device_heap) + self.model.bytes(tokens, length, checkpointed, chunking)
 
 
 @dataclass
@@ -677,7 +683,6 @@ def plan_model(
         dequant_transient=max_dequant * precision.compute_bytes,
         runtime=0 if cuda else _CPU_RUNTIME,
         activations=acts(tokens.peak_length),
-        activations_typical=acts(tokens.typical_length),
         model=activation,
     )
     as_written = recipe.get("lora.target_modules")
@@ -828,7 +833,7 @@ def format_model_plan(plan: ModelPlan) -> list[str]:
     why = plan.choice.describe() if plan.choice.auto else f"{layout.describe()}; as the recipe says"
     lines.append(f"  peak             {_gib(layout.peak + m.optimizer_paged)}  ({why})")
     if t.typical_length != t.peak_length:
-        typical = m.fixed() + m.model.bytes(
+        typical = m.step(
             t.batch * t.typical_length, t.typical_length, layout.checkpointed, layout.chunking
         )
         lines.append(

@@ -136,8 +136,8 @@ def candidates(plan: ModelPlan, recipe: Recipe, cuda: bool) -> list[Layout]:
     out = []
     for chunking in chunkings:
         for n in ns:
-            peak = plan.memory.fixed(device_heap=True) + acts.bytes(
-                tokens.batch * tokens.peak_length, tokens.peak_length, n, chunking
+            peak = plan.memory.step(
+                tokens.batch * tokens.peak_length, tokens.peak_length, n, chunking, device_heap=True
             )
             recompute = acts.recompute_params(n, chunking != "off")
             out.append(Layout(n, layers, chunking, peak, recompute))

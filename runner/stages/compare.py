@@ -82,21 +82,27 @@ def prompts(ctx: Context) -> list[dict[str, Any]]:
 
 def heldout_loss(model: Any, tok: Any, ctx: Context) -> float | None:
     """Mean loss per trained token on the tokenized held-out rows."""
-    import torch
     from datasets import load_from_disk
-    from transformers import DataCollatorForSeq2Seq
 
     data = load_from_disk(str(ctx.path(TOKENIZED)), keep_in_memory=True)["heldout"]
     n = min(len(data), HELDOUT_LOSS_ROWS)
     if n == 0:
         return None
+    return mean_token_loss(model, tok, [data[i] for i in range(n)])
+
+
+def mean_token_loss(model: Any, tok: Any, rows: list[dict[str, Any]]) -> float:
+    """Mean loss per trained token on tokenized `rows`, right-padded batches of 8 (the same
+    measure whatever a run's own batching; bench/quality.py uses it too)."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
     tok.padding_side = "right"
     collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX)
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, n, 8):
-            rows = [data[i] for i in range(start, min(n, start + 8))]
-            batch = {k: v.to(model.device) for k, v in collate(rows).items()}
+        for start in range(0, len(rows), 8):
+            batch = {k: v.to(model.device) for k, v in collate(rows[start : start + 8]).items()}
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits

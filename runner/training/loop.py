@@ -449,10 +449,9 @@ class MemoryPlan:
         if self.plan is None or not shapes:
             return {}
         batch, length = max(shapes, key=lambda s: s[0] * s[-1])[0], max(s[-1] for s in shapes)
-        memory = self.plan.memory
         layout = self.layout
-        estimate = memory.fixed(device_heap=True) + memory.model.bytes(
-            batch * length, length, layout.checkpointed, layout.chunking
+        estimate = self.plan.memory.step(
+            batch * length, length, layout.checkpointed, layout.chunking, device_heap=True
         )
         return {
             "checkpointed_layers": layout.checkpointed,
